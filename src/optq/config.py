@@ -1,0 +1,122 @@
+"""QuantizeConfig: what to quantize and how, and its `quantization_config` form in a checkpoint.
+
+The field names and their meaning in `config.json` live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .core.grid import SUPPORTED_BITS, GridSpec
+from .errors import OptqError
+
+CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
+METHODS = ("gptq", "rtn")
+
+
+@dataclass
+class QuantizeConfig:
+    bits: int = 4
+    group_size: int = 128
+    desc_act: bool = False
+    sym: bool = True
+    static_groups: bool = False
+    true_sequential: bool = True
+    damp_percent: float = 0.01
+    mse: bool = False
+    checkpoint_format: str = "gptq"
+    lm_head: bool = False
+    method: str = "gptq"  # "rtn": round-to-nearest, same checkpoint format
+    # GPTQModel's per-module overrides: {"+:regex": {"bits": 8, ...}, "-:regex": {}} ("-:" = left in float).
+    dynamic: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise OptqError(f"bits={self.bits} is not supported: use one of {', '.join(map(str, SUPPORTED_BITS))}")
+        if not isinstance(self.group_size, int) or (self.group_size != -1 and self.group_size <= 0):
+            raise OptqError(f"group_size={self.group_size} is invalid: use -1 (per channel) or a positive size")
+        if not (0 <= self.damp_percent <= 1):
+            raise OptqError(f"damp_percent={self.damp_percent} is out of range: use a value in [0, 1] (default 0.01)")
+        if self.checkpoint_format not in CHECKPOINT_FORMATS:
+            raise OptqError(
+                f"checkpoint_format={self.checkpoint_format!r} is unknown: use one of {', '.join(CHECKPOINT_FORMATS)}"
+            )
+        if self.method not in METHODS:
+            raise OptqError(f"method={self.method!r} is unknown: use one of {', '.join(METHODS)}")
+        if self.static_groups and self.group_size == -1:
+            raise OptqError("static_groups needs a group size: set group_size or drop static_groups")
+        for key, override in self.dynamic.items():
+            if not (key.startswith("+:") or key.startswith("-:")):
+                raise OptqError(f"dynamic key {key!r} must start with '+:' (override) or '-:' (skip)")
+            try:
+                re.compile(key[2:])
+            except re.error as e:
+                raise OptqError(f"dynamic key {key!r} is not a valid regular expression: {e}") from None
+            unknown = set(override) - {"bits", "group_size", "sym", "desc_act", "damp_percent", "mse", "static_groups"}
+            if unknown:
+                raise OptqError(f"dynamic override {key!r} has fields optq cannot honour: {sorted(unknown)}")
+
+    def grid(self) -> GridSpec:
+        # v1 stores zero - 1 and so cannot hold zero = 0: asymmetric v1 checkpoints keep zero >= 1.
+        min_zero = 1 if (not self.sym and self.checkpoint_format == "gptq") else 0
+        return GridSpec(bits=self.bits, sym=self.sym, mse=self.mse, min_zero=min_zero)
+
+    def for_module(self, name: str) -> QuantizeConfig | None:
+        """The config that applies to module `name` after `dynamic` overrides; None if it stays in float."""
+        for key, override in self.dynamic.items():
+            if re.match(key[2:], name):
+                if key.startswith("-:"):
+                    return None
+                return dataclasses.replace(self, dynamic={}, **override)
+        return self
+
+    def to_hf(self, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The `quantization_config` object of config.json (and the body of quantize_config.json)."""
+        d = {
+            "quant_method": "gptq",
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "desc_act": self.desc_act,
+            "sym": self.sym,
+            "static_groups": self.static_groups,
+            "true_sequential": self.true_sequential,
+            "damp_percent": self.damp_percent,
+            "checkpoint_format": self.checkpoint_format,
+            "lm_head": self.lm_head,
+            "dynamic": self.dynamic,
+            "mse": self.mse,
+        }
+        d["meta"] = dict(meta or {})
+        return d
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> QuantizeConfig:
+        """Read a checkpoint's quantization_config; unknown fields are ignored, unusable values rejected."""
+        method = d.get("quant_method", "gptq")
+        if str(method).lower() != "gptq":
+            raise OptqError(f"quantization_config.quant_method={method!r}: optq reads only 'gptq' checkpoints")
+        fmt = d.get("checkpoint_format", d.get("format", "gptq"))
+        kwargs = {
+            "bits": d.get("bits"),
+            "group_size": d.get("group_size", 128),
+            "desc_act": bool(d.get("desc_act", False)),
+            "sym": bool(d.get("sym", True)),
+            "static_groups": bool(d.get("static_groups", False)),
+            "true_sequential": bool(d.get("true_sequential", True)),
+            "damp_percent": float(d.get("damp_percent", 0.01)),
+            "checkpoint_format": fmt,
+            "lm_head": bool(d.get("lm_head", False)),
+            "dynamic": d.get("dynamic") or {},
+        }
+        if kwargs["bits"] is None:
+            raise OptqError("quantization_config has no 'bits' field: the checkpoint is incomplete")
+        try:
+            return cls(**kwargs)
+        except OptqError as e:
+            raise OptqError(f"checkpoint quantization_config: {e}") from None

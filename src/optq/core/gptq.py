@@ -1,0 +1,194 @@
+"""The GPTQ solver (Frantar et al., 2023): quantize a weight column by column, moving each column's rounding
+error onto the columns not yet quantized through the upper Cholesky factor of H^-1, with lazy block updates.
+
+This follows the reference implementation (IST-DASLab/gptq) with two deliberate differences:
+- group parameters are computed from the *current* values of the group's columns (the reference reads stale
+  values for columns inside the current block whose updates are still pending);
+- scales are rounded to float16 before the integers are chosen (the checkpoint stores float16 scales).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .grid import GridSpec, QuantizedWeight, find_params, group_bounds, quantize
+
+log = logging.getLogger("optq")
+
+BLOCK_SIZE = 128
+# Damping tried after `damp_percent` fails: each step doubles it, up to this ceiling.
+MAX_DAMP_PERCENT = 1.0
+
+
+class NotPositiveDefiniteError(RuntimeError):
+    """The Hessian stayed non-positive-definite for every damping in the schedule."""
+
+
+class HessianAccumulator:
+    """Running sum of X^T X in float32 over calibration tokens; H = 2 X^T X / n (the GPTQ Hessian)."""
+
+    def __init__(self, columns: int, device: torch.device | str = "cpu"):
+        self.xtx = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> None:
+        """x: [..., columns] layer inputs; token_mask: bool [...] (False for padding tokens, which are skipped)."""
+        x = x.reshape(-1, x.shape[-1])
+        if token_mask is not None:
+            x = x[token_mask.reshape(-1).to(x.device)]
+        if x.shape[0] == 0:
+            return
+        x = x.to(torch.float32)
+        self.xtx.addmm_(x.T, x)
+        self.tokens += x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        if self.tokens == 0:
+            raise ValueError("no calibration tokens reached this module")
+        return self.xtx * (2.0 / self.tokens)
+
+
+@dataclass
+class SolveResult:
+    weight: QuantizedWeight
+    loss: float  # sum over rows and columns of (w - q)^2 / [H^-1]_cc / 2, as the reference reports it
+    damp_percent: float  # the damping that made H positive definite
+
+
+def _inverse_cholesky(h: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, raising damp until it exists."""
+    mean_diag = torch.mean(torch.diag(h)).item()
+    idx = torch.arange(h.shape[0], device=h.device)
+    damp = damp_percent
+    while True:
+        hd = h.clone()
+        hd[idx, idx] += damp * mean_diag
+        lower, info = torch.linalg.cholesky_ex(hd)
+        if info.item() == 0:
+            hinv = torch.cholesky_inverse(lower)
+            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if info.item() == 0 and torch.isfinite(upper).all():
+                if damp != damp_percent:
+                    log.warning("Hessian not positive definite at damp %.4g; used damp %.4g", damp_percent, damp)
+                return upper, damp
+        next_damp = damp * 2 if damp > 0 else 0.01
+        if next_damp > MAX_DAMP_PERCENT:
+            raise NotPositiveDefiniteError(
+                f"the Hessian is not positive definite even with damp_percent={damp:g}; "
+                "check the calibration data and the layer for NaN/Inf"
+            )
+        damp = next_damp
+
+
+def gptq_solve(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    spec: GridSpec,
+    group_size: int = 128,
+    desc_act: bool = False,
+    static_groups: bool = False,
+    damp_percent: float = 0.01,
+    block_size: int = BLOCK_SIZE,
+) -> SolveResult:
+    """Quantize w [out, in] given the Hessian h [in, in] of its inputs."""
+    if damp_percent < 0:
+        raise ValueError("damp_percent must be >= 0")
+    if group_size != -1 and group_size <= 0:
+        raise ValueError("group_size must be -1 or positive")
+    w = w.detach().to(torch.float32).clone()
+    h = h.detach().to(torch.float32).clone()
+    rows, cols = w.shape
+    maxq = spec.maxq
+
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+
+    # Group parameters fixed before any update: per-channel always, per-group with static_groups.
+    fixed_params = None
+    if group_size == -1:
+        fixed_params = [find_params(w, spec)]
+    elif static_groups:
+        fixed_params = [find_params(w[:, s:e], spec) for s, e in group_bounds(cols, group_size)]
+
+    perm = None
+    if desc_act:
+        perm = torch.argsort(torch.diag(h), descending=True, stable=True)
+        w = w[:, perm]
+        h = h[perm][:, perm]
+
+    hinv, damp_used = _inverse_cholesky(h, damp_percent)
+    del h
+
+    q_all = torch.zeros_like(w)
+    losses = torch.zeros(rows, dtype=torch.float64, device=w.device)
+    n_groups = 1 if group_size == -1 else math.ceil(cols / group_size)
+    scales = torch.zeros(n_groups, rows, dtype=torch.float32, device=w.device)
+    zeros = torch.zeros(n_groups, rows, dtype=torch.float32, device=w.device)
+    if fixed_params is not None:
+        for g, (s, z) in enumerate(fixed_params):
+            scales[g], zeros[g] = s, z
+    # Group of each column in processing order.
+    orig_index = perm if perm is not None else torch.arange(cols, device=w.device)
+    if group_size == -1:
+        group_of_pos = torch.zeros(cols, dtype=torch.long, device=w.device)
+    elif static_groups:
+        group_of_pos = orig_index // group_size
+    else:
+        group_of_pos = torch.arange(cols, device=w.device) // group_size
+
+    scale_col = zero_col = None
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        count = i2 - i1
+        w1 = w[:, i1:i2].clone()
+        q1 = torch.zeros_like(w1)
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(count):
+            col = i1 + i
+            if fixed_params is not None:
+                g = int(group_of_pos[col])
+                scale_col, zero_col = scales[g], zeros[g]
+            elif col % group_size == 0:
+                g_end = min(col + group_size, cols)
+                if g_end <= i2:
+                    current = w1[:, i : i + g_end - col]
+                else:
+                    # Columns past this block still owe this block's pending updates: apply them here.
+                    beyond = w[:, i2:g_end] - err1[:, :i] @ hinv[i1 : i1 + i, i2:g_end]
+                    current = torch.cat([w1[:, i:], beyond], dim=1)
+                scale_col, zero_col = find_params(current, spec)
+                scales[col // group_size], zeros[col // group_size] = scale_col, zero_col
+            wc = w1[:, i]
+            d = hinv1[i, i]
+            qc = quantize(wc, scale_col, zero_col, maxq)
+            deq = scale_col * (qc - zero_col)
+            q1[:, i] = qc
+            losses += ((wc - deq) ** 2 / d**2 / 2).double()
+            e = (wc - deq) / d
+            w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        q_all[:, i1:i2] = q1
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    if perm is not None:
+        inv = torch.argsort(perm)
+        q_all = q_all[:, inv]
+        g_idx = group_of_pos[inv]
+    else:
+        g_idx = group_of_pos
+    qw = QuantizedWeight(
+        qweight=q_all.to(torch.int32),
+        scales=scales,
+        zeros=zeros,
+        g_idx=g_idx.to(torch.int32),
+        bits=spec.bits,
+        group_size=group_size,
+        perm=perm,
+    )
+    return SolveResult(weight=qw, loss=float(losses.sum()), damp_percent=damp_used)

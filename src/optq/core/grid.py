@@ -1,0 +1,148 @@
+"""The quantization grid: per-row scale and zero point, quantize, dequantize, round-to-nearest.
+
+Conventions (shared with the checkpoint spec):
+    q = clamp(round(w / scale) + zero, 0, maxq)        w ~= scale * (q - zero)
+Scales are rounded to float16 as soon as they are computed, because that is how the checkpoint stores
+them: the integers chosen here are then exactly the ones a reader dequantizes with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+# MSE shrink search, as in the GPTQ reference code (grid 100, shrink down to 0.2 of the range, L2.4 norm).
+MSE_GRID = 100
+MSE_MAX_SHRINK = 0.8
+MSE_NORM = 2.4
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """How one weight group is mapped to integers."""
+
+    bits: int = 4
+    sym: bool = True
+    mse: bool = False
+    # Smallest zero point allowed. The v1 ("gptq") checkpoint stores zero - 1, so it cannot hold 0: asymmetric
+    # v1 checkpoints quantize with min_zero=1 (see docs/design.md).
+    min_zero: int = 0
+
+    def __post_init__(self):
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits={self.bits} is not supported; use one of {SUPPORTED_BITS}")
+        if self.min_zero not in (0, 1):
+            raise ValueError("min_zero must be 0 or 1")
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Integer codes (as float) for w; scale and zero broadcast against w."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return scale * (q - zero)
+
+
+def _params_from_range(xmin: torch.Tensor, xmax: torch.Tensor, spec: GridSpec):
+    """Scale and zero for per-row ranges [xmin, xmax] (xmin <= 0 <= xmax)."""
+    maxq = spec.maxq
+    if spec.sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = -xmax
+    degenerate = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(degenerate, -torch.ones_like(xmin), xmin)
+    xmax = torch.where(degenerate, torch.ones_like(xmax), xmax)
+    scale = (xmax - xmin) / maxq
+    if spec.sym:
+        zero = torch.full_like(scale, (maxq + 1) // 2)
+    else:
+        zero = torch.round(-xmin / scale)
+        if spec.min_zero:
+            # zero would round to 0: keep z = 1 and stretch the scale so xmax is still reachable at q = maxq.
+            low = zero < spec.min_zero
+            scale = torch.where(low, xmax / (maxq - spec.min_zero), scale)
+            zero = torch.where(low, torch.full_like(zero, spec.min_zero), zero)
+    scale = _fp16_round(scale)
+    return scale, zero
+
+
+def _fp16_round(scale: torch.Tensor) -> torch.Tensor:
+    # float16 keeps ~3 decimal digits; a scale that underflows to 0 would divide by zero, so floor it.
+    tiny = torch.finfo(torch.float16).tiny
+    return scale.clamp(min=tiny, max=torch.finfo(torch.float16).max).to(torch.float16).to(scale.dtype)
+
+
+def find_params(w: torch.Tensor, spec: GridSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row scale and zero ([rows]) for the columns of w ([rows, cols]), by min/max or MSE shrink search."""
+    w = w.float()
+    zeros = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+    xmin = torch.minimum(w.min(dim=1).values, zeros)
+    xmax = torch.maximum(w.max(dim=1).values, zeros)
+    scale, zero = _params_from_range(xmin, xmax, spec)
+    if not spec.mse:
+        return scale, zero
+    best = torch.full_like(scale, float("inf"))
+    for i in range(int(MSE_MAX_SHRINK * MSE_GRID)):
+        p = 1 - i / MSE_GRID
+        s1, z1 = _params_from_range(p * xmin, p * xmax, spec)
+        q = quantize(w, s1[:, None], z1[:, None], spec.maxq)
+        err = (dequantize(q, s1[:, None], z1[:, None]) - w).abs_().pow_(MSE_NORM).sum(dim=1)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale = torch.where(better, s1, scale)
+        zero = torch.where(better, z1, zero)
+    return scale, zero
+
+
+def group_bounds(columns: int, group_size: int) -> list[tuple[int, int]]:
+    """[start, end) of each group; group_size -1 is one group; the last group may be shorter."""
+    if group_size == -1:
+        return [(0, columns)]
+    return [(s, min(s + group_size, columns)) for s in range(0, columns, group_size)]
+
+
+@dataclass
+class QuantizedWeight:
+    """A quantized [out, in] weight in checkpoint terms.
+
+    qweight: int codes [out, in] (int32); scales, zeros: [G, out] (float32 holding fp16 values, integer zeros);
+    g_idx: group of each input column [in]; perm: processing order used (act-order) or None.
+    """
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    g_idx: torch.Tensor
+    bits: int
+    group_size: int
+    perm: torch.Tensor | None = None
+
+    def dequantize(self) -> torch.Tensor:
+        g = self.g_idx.long()
+        s = self.scales[g].T  # [out, in]
+        z = self.zeros[g].T
+        return s * (self.qweight.float() - z)
+
+
+def rtn_quantize(w: torch.Tensor, spec: GridSpec, group_size: int) -> QuantizedWeight:
+    """Round-to-nearest baseline: each group quantized independently, no error feedback."""
+    w = w.float()
+    out_f, in_f = w.shape
+    bounds = group_bounds(in_f, group_size)
+    q = torch.empty_like(w)
+    scales = torch.empty(len(bounds), out_f)
+    zeros = torch.empty(len(bounds), out_f)
+    for g, (s, e) in enumerate(bounds):
+        sc, z = find_params(w[:, s:e], spec)
+        q[:, s:e] = quantize(w[:, s:e], sc[:, None], z[:, None], spec.maxq)
+        scales[g], zeros[g] = sc, z
+    g_idx = torch.arange(in_f, dtype=torch.int32) // (in_f if group_size == -1 else group_size)
+    return QuantizedWeight(q.to(torch.int32), scales, zeros, g_idx.to(torch.int32), spec.bits, group_size)

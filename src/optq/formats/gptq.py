@@ -1,0 +1,308 @@
+"""The Hugging Face "gptq" checkpoint (../shared/spec/gptq-checkpoint.md): tensors of one quantized module,
+sharded safetensors, config files, atomic write, and validated reading.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..config import QuantizeConfig
+from ..core.grid import QuantizedWeight
+from ..core.packing import pack, pack_cols, packable, unpack, unpack_cols
+from ..errors import OptqError
+
+QUANT_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+QUANTIZE_CONFIG_FILE = "quantize_config.json"
+LOG_FILE = "quant_log.csv"
+
+
+# ---- one module ------------------------------------------------------------------------------------------
+
+
+def module_packable(in_features: int, out_features: int, bits: int) -> str | None:
+    """None if the module fits the int32 layout, else why not (qweight packs `in`, qzeros packs `out`)."""
+    for what, n in (("in_features", in_features), ("out_features", out_features)):
+        if not packable(n, bits):
+            step = 32 // bits if 32 % bits == 0 else 32
+            return f"{what}={n} is not a multiple of {step}, which {bits}-bit int32 packing needs"
+    return None
+
+
+def pack_module(qw: QuantizedWeight, checkpoint_format: str) -> dict[str, torch.Tensor]:
+    """QuantizedWeight -> the checkpoint tensors of one module (without bias)."""
+    zeros = qw.zeros.round().to(torch.int64)
+    if checkpoint_format == "gptq":
+        if zeros.numel() and zeros.min() < 1:
+            raise OptqError("a zero point of 0 cannot be stored in the v1 'gptq' format: use gptq_v2")
+        zeros = zeros - 1
+    return {
+        "qweight": pack(qw.qweight.T.contiguous(), qw.bits),
+        "qzeros": pack_cols(zeros, qw.bits),
+        "scales": qw.scales.to(torch.float16).contiguous(),
+        "g_idx": qw.g_idx.to(torch.int32).contiguous(),
+    }
+
+
+def unpack_module(
+    tensors: dict[str, torch.Tensor], bits: int, in_features: int, out_features: int, checkpoint_format: str
+) -> QuantizedWeight:
+    """The checkpoint tensors of one module -> QuantizedWeight (codes [out, in], true zero points)."""
+    q = unpack(tensors["qweight"], bits, in_features).T.contiguous()
+    zeros = unpack_cols(tensors["qzeros"], bits, out_features).to(torch.float32)
+    if checkpoint_format == "gptq":
+        zeros = zeros + 1
+    return QuantizedWeight(
+        qweight=q,
+        scales=tensors["scales"].to(torch.float32),
+        zeros=zeros,
+        g_idx=tensors["g_idx"].to(torch.int32),
+        bits=bits,
+        group_size=-1,
+    )
+
+
+def expected_shapes(in_features: int, out_features: int, bits: int, group_size: int) -> dict[str, tuple[int, ...]]:
+    groups = 1 if group_size == -1 else math.ceil(in_features / group_size)
+    return {
+        "qweight": (in_features * bits // 32, out_features),
+        "qzeros": (groups, out_features * bits // 32),
+        "scales": (groups, out_features),
+        "g_idx": (in_features,),
+    }
+
+
+# ---- writing ---------------------------------------------------------------------------------------------
+
+
+def parse_size(size: str | int) -> int:
+    """'4GB', '500MB', '10KB' or a byte count -> bytes (decimal units, as Transformers uses)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), re.IGNORECASE)
+    if not m:
+        raise OptqError(f"size {size!r} is not understood: write it like 4GB, 500MB or a number of bytes")
+    unit = (m.group(2) or "B").upper()
+    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    return int(float(m.group(1)) * mult[unit])
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def write_safetensors(folder: Path, tensors: dict[str, torch.Tensor], max_shard_size: int) -> list[str]:
+    """Write `tensors` (in their given order) as one file or shards plus an index; returns the file names."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        n = _nbytes(t)
+        if shards[-1] and size + n > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.contiguous()
+        size += n
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / SINGLE_FILE), metadata=meta)
+        return [SINGLE_FILE]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for fname, shard in zip(names, shards):
+        save_file(shard, str(folder / fname), metadata=meta)
+        weight_map.update({k: fname for k in shard})
+    index = {
+        "metadata": {"total_size": sum(_nbytes(t) for t in tensors.values())},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return names + [INDEX_FILE]
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+class AtomicFolder:
+    """Build a folder under a temporary name next to its destination and rename it into place at the end.
+
+    A reader never sees a half-written checkpoint at `dest`: it appears only when complete.
+    """
+
+    def __init__(self, dest: str | os.PathLike, overwrite: bool = False):
+        self.dest = Path(dest)
+        self.overwrite = overwrite
+        if self.dest.exists() and not overwrite:
+            raise OptqError(f"output folder {self.dest} already exists: choose another path or pass --overwrite")
+        parent = self.dest.parent
+        if not parent.exists():
+            raise OptqError(f"the parent folder of {self.dest} does not exist: create it first")
+        if not os.access(parent, os.W_OK):
+            raise OptqError(f"no permission to write in {parent}")
+        self.tmp = parent / f".{self.dest.name}.optq-tmp-{uuid.uuid4().hex[:8]}"
+
+    def __enter__(self) -> Path:
+        self.tmp.mkdir()
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        if self.dest.exists():
+            old = self.dest.parent / f".{self.dest.name}.optq-old-{uuid.uuid4().hex[:8]}"
+            os.replace(self.dest, old)
+            os.replace(self.tmp, self.dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.dest)
+        return False
+
+
+# ---- reading ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CheckpointInfo:
+    path: Path
+    config: dict[str, Any]  # config.json without quantization_config
+    quant: QuantizeConfig
+    quant_raw: dict[str, Any]
+    weight_files: list[Path]
+    tensor_files: dict[str, Path]  # tensor name -> file
+
+
+def read_quantization_config(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise OptqError(f"{path} has no config.json: it is not a checkpoint folder")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise OptqError(f"{cfg_path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise OptqError(f"{cfg_path} must hold a JSON object")
+    quant = config.pop("quantization_config", None)
+    if quant is None and (path / QUANTIZE_CONFIG_FILE).is_file():
+        try:
+            quant = json.loads((path / QUANTIZE_CONFIG_FILE).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise OptqError(f"{path / QUANTIZE_CONFIG_FILE} is not valid JSON: {e}") from None
+    if quant is not None and not isinstance(quant, dict):
+        raise OptqError("quantization_config must be a JSON object")
+    return config, quant
+
+
+def is_quantized_checkpoint(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    if not p.is_dir() or not (p / "config.json").is_file():
+        return False
+    try:
+        _, quant = read_quantization_config(p)
+    except OptqError:
+        return True  # let the reader report the problem
+    return quant is not None
+
+
+def open_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
+    """Validate a checkpoint's config and locate its tensors (nothing large is read yet)."""
+    path = Path(path)
+    config, quant_raw = read_quantization_config(path)
+    if quant_raw is None:
+        raise OptqError(f"{path} has no quantization_config in config.json nor a quantize_config.json")
+    quant = QuantizeConfig.from_hf(quant_raw)
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise OptqError(f"{index} is malformed ({e}): it needs a 'weight_map' object") from None
+        files = sorted({path / f for f in weight_map.values()})
+    elif (path / SINGLE_FILE).is_file():
+        files = [path / SINGLE_FILE]
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise OptqError(f"{path} has no safetensors weight files")
+    tensor_files: dict[str, Path] = {}
+    for f in files:
+        if not f.is_file():
+            raise OptqError(f"{f} is listed in the index but missing: the checkpoint is incomplete")
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for k in sf.keys():
+                    tensor_files[k] = f
+        except Exception as e:  # safetensors raises its own error types for bad headers
+            raise OptqError(f"{f} is not a valid safetensors file ({e}): the file is truncated or corrupt") from None
+    return CheckpointInfo(path, config, quant, quant_raw, files, tensor_files)
+
+
+def quantized_module_names(info: CheckpointInfo) -> list[str]:
+    return sorted({k[: -len(".qweight")] for k in info.tensor_files if k.endswith(".qweight")})
+
+
+def _checkpoint_tensor(name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if not t.is_floating_point():
+        return t.contiguous()
+    if dtype == torch.float16 and t.numel() and t.abs().max() > torch.finfo(torch.float16).max:
+        raise OptqError(f"tensor {name} exceeds the float16 range: write the checkpoint with --dtype bfloat16")
+    return t.to(dtype).contiguous()
+
+
+def checkpoint_tensors(
+    state_dict: dict[str, torch.Tensor], packed: dict[str, dict[str, torch.Tensor]], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors in state-dict order: quantized modules' `.weight` replaced by their packed
+    tensors (bias kept, in float16), tied duplicates dropped, other float tensors cast to `dtype`."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    for key, t in state_dict.items():
+        module, _, leaf = key.rpartition(".")
+        if module in packed:
+            if leaf == "weight":
+                for name in QUANT_TENSORS:
+                    out[f"{module}.{name}"] = packed[module][name]
+            elif leaf == "bias":
+                out[key] = _checkpoint_tensor(key, t, torch.float16)
+            continue
+        tag = (t.data_ptr(), tuple(t.shape))
+        if t.numel() and tag in seen:
+            continue  # tied to a tensor already written (e.g. lm_head and embed_tokens)
+        seen.add(tag)
+        out[key] = _checkpoint_tensor(key, t, dtype)
+    missing = [m for m in packed if f"{m}.qweight" not in out]
+    if missing:
+        raise OptqError(f"quantized modules not found in the model: {missing[:3]}")
+    return out
+
+
+def write_checkpoint(
+    folder: Path,
+    model_config: dict[str, Any],
+    quant_config: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    max_shard_size: int,
+    dtype: torch.dtype,
+) -> None:
+    """config.json (with quantization_config), quantize_config.json and the safetensors, into `folder`."""
+    cfg = dict(model_config)
+    cfg["quantization_config"] = quant_config
+    dtype_name = str(dtype).removeprefix("torch.")
+    cfg["dtype"] = dtype_name
+    cfg["torch_dtype"] = dtype_name  # older readers (Transformers 4, vLLM) look here
+    write_json(folder / "config.json", cfg)
+    write_json(folder / QUANTIZE_CONFIG_FILE, quant_config)
+    write_safetensors(folder, tensors, max_shard_size)

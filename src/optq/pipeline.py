@@ -1,0 +1,340 @@
+"""The layer-by-layer driver: capture the first decoder layer's inputs, then for each layer quantize its linear
+modules group by group (true-sequential) and feed the quantized layer's outputs to the next layer.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .config import QuantizeConfig
+from .core.gptq import HessianAccumulator, gptq_solve
+from .core.grid import QuantizedWeight, rtn_quantize
+from .errors import OptqError
+from .formats.gptq import module_packable, pack_module
+from .models.registry import arch_spec, get_submodule
+
+log = logging.getLogger("optq")
+
+
+class _StopForward(Exception):
+    """Raised from a hook once everything needed from a forward pass has been seen."""
+
+
+@dataclass
+class ModuleLog:
+    layer: int
+    module: str
+    bits: int
+    group_size: int
+    loss: float
+    damp: float
+    samples: int  # calibration tokens seen
+    seconds: float
+    note: str = ""
+
+    FIELDS = ("layer", "module", "bits", "group_size", "loss", "damp", "samples", "seconds", "note")
+
+    def row(self) -> list[Any]:
+        return [self.layer, self.module, self.bits, self.group_size, f"{self.loss:.6g}", f"{self.damp:.4g}",
+                self.samples, f"{self.seconds:.3f}", self.note]
+
+
+@dataclass
+class QuantizedModel:
+    """What the pipeline produced: the packed tensors of each quantized module, plus the record."""
+
+    modules: dict[str, dict[str, torch.Tensor]]  # full module name -> qweight/qzeros/scales/g_idx
+    config: QuantizeConfig  # with `dynamic` extended by modules left in float
+    log: list[ModuleLog] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+# ---- weights of Linear and GPT-2's Conv1D ---------------------------------------------------------------
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D"
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as [out, in], whatever the module stores."""
+    w = module.weight.data
+    return w.T if _is_conv1d(module) else w
+
+
+def set_linear_weight(module: nn.Module, w_out_in: torch.Tensor) -> None:
+    w = w_out_in.T if _is_conv1d(module) else w_out_in
+    module.weight.data.copy_(w.to(module.weight.dtype))
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    out_f, in_f = linear_weight(module).shape
+    return in_f, out_f
+
+
+# ---- moving captured inputs ------------------------------------------------------------------------------
+
+
+def _to(obj, device, dtype=None):
+    if isinstance(obj, torch.Tensor):
+        if dtype is not None and obj.is_floating_point():
+            return obj.to(device=device, dtype=dtype)
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device, dtype) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device, dtype) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device, dtype) for k, v in obj.items()}
+    return obj
+
+
+class _Catcher(nn.Module):
+    """Stands in for decoder layer 0: records its inputs, then stops the forward pass."""
+
+    def __init__(self, layer: nn.Module, store: list):
+        super().__init__()
+        self.layer = layer
+        self.store = store
+
+    def __getattr__(self, name):
+        # Models read attributes of their layers (e.g. Gemma's attention_type): answer for the real layer.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["layer"], name)
+
+    def forward(self, *args, **kwargs):
+        if args:
+            hidden, args = args[0], args[1:]
+        else:
+            hidden = kwargs.pop("hidden_states")
+        if args:
+            raise OptqError("decoder layers called with extra positional arguments are not supported")
+        kwargs["use_cache"] = False
+        kwargs.pop("past_key_values", None)
+        kwargs.pop("past_key_value", None)
+        kwargs.pop("layer_past", None)
+        self.store.append((hidden.detach(), kwargs))
+        raise _StopForward
+
+
+def _layer_output(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, windows: list[torch.Tensor], device) -> list:
+    """(hidden_states, kwargs) of each calibration window at the input of decoder layer 0."""
+    store: list = []
+    first = layers[0]
+    layers[0] = _Catcher(first, store)
+    moved = device != torch.device("cpu")
+    try:
+        if moved:  # everything but the decoder layers goes to the device for this one pass
+            stash = [layers[i] for i in range(1, len(layers))]
+            for i in range(1, len(layers)):
+                layers[i] = nn.Identity()
+            model.to(device)
+        with torch.no_grad():
+            for ids in windows:
+                try:
+                    model(input_ids=ids.to(device), use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        layers[0] = first
+        if moved:
+            model.to("cpu")
+            for i, layer in enumerate(stash, start=1):
+                layers[i] = layer
+    return store
+
+
+# ---- Hessian collection for one group --------------------------------------------------------------------
+
+
+class _GroupCollector:
+    """Forward pre-hooks that accumulate Hessians for a group of modules; modules reading the same input
+    tensor share one accumulator. The forward pass stops once every module of the group has been reached."""
+
+    def __init__(self, modules: dict[str, nn.Module], device):
+        self.modules = modules
+        self.device = device
+        self.acc: dict[str, HessianAccumulator] = {}
+        self._seen: set[str] = set()
+        self._inputs: list[tuple[torch.Tensor, HessianAccumulator]] = []
+        self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
+
+    def _hook(self, name):
+        def hook(module, args):
+            x = args[0]
+            shared = next((a for t, a in self._inputs if t is x), None)
+            if name not in self.acc:
+                if shared is None:
+                    self.acc[name] = HessianAccumulator(x.shape[-1], device=self.device)
+                    self.acc[name].add(x)
+                    self._inputs.append((x, self.acc[name]))
+                else:
+                    self.acc[name] = shared
+            elif shared is not self.acc[name]:
+                if any(a is self.acc[name] for _, a in self._inputs):
+                    raise RuntimeError(f"module {name} shares a Hessian with a module that read other inputs")
+                self.acc[name].add(x)
+                self._inputs.append((x, self.acc[name]))
+            self._seen.add(name)
+            if len(self._seen) == len(self.modules):
+                raise _StopForward
+
+        return hook
+
+    def run(self, layer: nn.Module, inputs: list) -> None:
+        with torch.no_grad():
+            for hidden, kwargs in inputs:
+                self._seen.clear()
+                self._inputs.clear()
+                try:
+                    layer(hidden, **kwargs)
+                except _StopForward:
+                    pass
+        self._inputs.clear()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+# ---- the driver ------------------------------------------------------------------------------------------
+
+
+def _module_plan(layer: nn.Module, prefix: str, spec_groups, config: QuantizeConfig, rows: list[ModuleLog], index: int):
+    """Groups of (local name, full name, module config) to quantize; modules left in float are logged."""
+    groups = spec_groups if config.true_sequential else (tuple(n for g in spec_groups for n in g),)
+    plan = []
+    skipped = {}
+    for group in groups:
+        members = []
+        for local in group:
+            full = f"{prefix}.{local}"
+            module = get_submodule(layer, local)
+            mcfg = config.for_module(full)
+            if mcfg is None:
+                rows.append(ModuleLog(index, full, 16, 0, 0.0, 0.0, 0, 0.0, "dynamic: left in float"))
+                continue
+            in_f, out_f = linear_shape(module)
+            why = module_packable(in_f, out_f, mcfg.bits)
+            if why:
+                skipped[full] = why
+                rows.append(ModuleLog(index, full, 16, 0, 0.0, 0.0, 0, 0.0, f"left in float: {why}"))
+                log.warning("%s left in float: %s", full, why)
+                continue
+            members.append((local, full, mcfg))
+        if members:
+            plan.append(members)
+    return plan, skipped
+
+
+def _solve_one(w: torch.Tensor, h: torch.Tensor | None, mcfg: QuantizeConfig) -> tuple[QuantizedWeight, float, float]:
+    spec = mcfg.grid()
+    if mcfg.method == "rtn":
+        return rtn_quantize(w, spec, mcfg.group_size), 0.0, 0.0
+    res = gptq_solve(
+        w, h, spec, group_size=mcfg.group_size, desc_act=mcfg.desc_act, static_groups=mcfg.static_groups,
+        damp_percent=mcfg.damp_percent,
+    )
+    return res.weight, res.loss, res.damp_percent
+
+
+def quantize_model(
+    model: nn.Module,
+    windows: list[torch.Tensor] | None,
+    config: QuantizeConfig,
+    device: str | torch.device = "cpu",
+    compute_dtype: torch.dtype | None = None,
+    progress: bool = True,
+    on_module: Callable[[ModuleLog], None] | None = None,
+) -> QuantizedModel:
+    """Quantize `model` in place (its linear weights become the dequantized values) and return the packed
+    tensors. `windows` are calibration token windows [1, L]; RTN needs none."""
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
+    device = torch.device(device)
+    spec = arch_spec(model.config.model_type)
+    layers_path = spec.layers
+    layers = get_submodule(model, layers_path)
+    needs_data = config.method == "gptq"
+    if needs_data and not windows:
+        raise OptqError("GPTQ needs calibration data: give --dataset, or use --rtn")
+    model_dtype = next(model.parameters()).dtype
+    compute_dtype = compute_dtype or model_dtype
+
+    inputs = capture_layer_inputs(model, layers, windows, device) if needs_data else None
+    if inputs is not None:
+        inputs = [(_to(h, device, compute_dtype), _to(kw, device, compute_dtype)) for h, kw in inputs]
+
+    rows: list[ModuleLog] = []
+    packed: dict[str, dict[str, torch.Tensor]] = {}
+    left_float: dict[str, str] = {}
+    bar = tqdm(range(len(layers)), desc="Quantizing layers", unit="layer", disable=not progress)
+    for index in bar:
+        layer = layers[index].to(device)
+        work = layer if compute_dtype == model_dtype else copy.deepcopy(layer).to(compute_dtype)
+        plan, skipped = _module_plan(layer, f"{layers_path}.{index}", spec.groups, config, rows, index)
+        left_float.update(skipped)
+        for members in plan:
+            hessians = {}
+            tokens = {}
+            if needs_data:
+                collector = _GroupCollector({loc: get_submodule(work, loc) for loc, _, _ in members}, device)
+                try:
+                    collector.run(work, inputs)
+                finally:
+                    collector.remove()
+                for loc, _, _ in members:
+                    hessians[loc] = collector.acc[loc].hessian()
+                    tokens[loc] = collector.acc[loc].tokens
+            for loc, full, mcfg in members:
+                t0 = time.perf_counter()
+                module = get_submodule(layer, loc)
+                w = linear_weight(module).float()
+                if not torch.isfinite(w).all():
+                    raise OptqError(f"layer {index} module {full}: the weight holds NaN or Inf")
+                qw, loss, damp = _solve_one(w, hessians.get(loc), mcfg)
+                deq = qw.dequantize()
+                set_linear_weight(module, deq)
+                if work is not layer:
+                    set_linear_weight(get_submodule(work, loc), deq)
+                packed[full] = pack_module(qw, mcfg.checkpoint_format)
+                entry = ModuleLog(index, full, mcfg.bits, mcfg.group_size, loss, damp, tokens.get(loc, 0),
+                                  time.perf_counter() - t0)
+                rows.append(entry)
+                if on_module:
+                    on_module(entry)
+            hessians.clear()
+        if needs_data:
+            with torch.no_grad():
+                outputs = []
+                for hidden, kwargs in inputs:
+                    out = _layer_output(work(hidden, **kwargs))
+                    if not torch.isfinite(out).all():
+                        raise OptqError(f"layer {index}: its outputs hold NaN or Inf on the calibration data")
+                    outputs.append(out)
+            inputs = [(o, kw) for o, (_, kw) in zip(outputs, inputs)]
+        if device.type != "cpu":
+            layers[index] = layer.to("cpu")
+        del work
+
+    dynamic = dict(config.dynamic)
+    for full in left_float:
+        dynamic[f"-:^{re.escape(full)}$"] = {}
+    out_config = copy.deepcopy(config)
+    out_config.dynamic = dynamic
+    return QuantizedModel(packed, out_config, rows, time.perf_counter() - started)

@@ -1,0 +1,130 @@
+"""optq.load: a GPTQ checkpoint -> a Transformers model whose quantized linears are QuantLinear modules."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from ..errors import OptqError
+from ..formats.gptq import CheckpointInfo, expected_shapes, open_checkpoint, quantized_module_names
+from ..models.loading import parse_dtype
+from .quant_linear import QuantLinear
+
+_QUANT_DTYPES = {"qweight": torch.int32, "qzeros": torch.int32, "scales": torch.float16, "g_idx": torch.int32}
+
+
+def _build_skeleton(info: CheckpointInfo, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+    """The model with parameters on the meta device (nothing allocated) and real non-persistent buffers."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(info.config)
+    model_type = cfg.pop("model_type", None)
+    if not model_type:
+        raise OptqError(f"{info.path}/config.json has no model_type")
+    for k in ("dtype", "torch_dtype", "transformers_version"):
+        cfg.pop(k, None)
+    try:
+        config = AutoConfig.for_model(model_type, **cfg)
+    except ValueError as e:
+        raise OptqError(f"config.json: {e}") from None
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model
+
+
+def _replace_modules(model: nn.Module, info: CheckpointInfo) -> dict[str, QuantLinear]:
+    quant = info.quant
+    replaced = {}
+    for name in quantized_module_names(info):
+        mcfg = quant.for_module(name)
+        if mcfg is None:
+            raise OptqError(f"module {name} has quantized tensors but the config's dynamic rules leave it in float")
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise OptqError(f"the checkpoint quantizes {name}, which this model architecture does not have") from None
+        if isinstance(module, nn.Linear):
+            in_f, out_f = module.in_features, module.out_features
+        elif type(module).__name__ == "Conv1D":
+            in_f, out_f = module.weight.shape
+        else:
+            raise OptqError(f"{name} is a {type(module).__name__}, not a linear layer: cannot hold a quantized weight")
+        has_bias = f"{name}.bias" in info.tensor_files
+        ql = QuantLinear(in_f, out_f, mcfg.bits, mcfg.group_size, has_bias, quant.checkpoint_format)
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, ql)
+        replaced[name] = ql
+    return replaced
+
+
+def _check_quant_tensor(name: str, leaf: str, t: torch.Tensor, ql: QuantLinear) -> None:
+    if leaf == "bias":
+        if tuple(t.shape) != (ql.out_features,):
+            raise OptqError(f"{name}.bias has shape {tuple(t.shape)}, expected ({ql.out_features},)")
+        return
+    want = expected_shapes(ql.in_features, ql.out_features, ql.bits, ql.group_size)[leaf]
+    if tuple(t.shape) != want:
+        raise OptqError(
+            f"{name}.{leaf} has shape {tuple(t.shape)}, expected {want} for {ql.bits}-bit group size "
+            f"{ql.group_size}: the tensors disagree with quantization_config"
+        )
+    if t.dtype != _QUANT_DTYPES[leaf] and not (leaf == "scales" and t.is_floating_point()):
+        raise OptqError(f"{name}.{leaf} has dtype {t.dtype}, expected {_QUANT_DTYPES[leaf]}")
+
+
+def load(
+    path: str | os.PathLike,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """Load a GPTQ checkpoint folder; activations and unquantized weights in `dtype`."""
+    path = Path(path)
+    torch_dtype = parse_dtype(dtype)
+    info = open_checkpoint(path)
+    model = _build_skeleton(info, torch_dtype, trust_remote_code)
+    qmods = _replace_modules(model, info)
+    loaded: set[str] = set()
+    for file in info.weight_files:
+        with safe_open(str(file), framework="pt") as sf:
+            for key in sf.keys():
+                module_name, _, leaf = key.rpartition(".")
+                t = sf.get_tensor(key)
+                if module_name in qmods:
+                    ql = qmods[module_name]
+                    _check_quant_tensor(module_name, leaf, t, ql)
+                    if leaf == "g_idx":
+                        groups = ql.scales.shape[0]
+                        if t.numel() and (t.min() < 0 or t.max() >= groups):
+                            raise OptqError(f"{key} holds group indices outside [0, {groups})")
+                    ql._buffers[leaf] = t.to(torch.float16) if leaf in ("scales", "bias") else t
+                    loaded.add(key)
+                    continue
+                try:
+                    owner = model.get_submodule(module_name) if module_name else model
+                except AttributeError:
+                    raise OptqError(f"tensor {key} does not belong to this model architecture") from None
+                if leaf in owner._parameters:
+                    cur = owner._parameters[leaf]
+                    if tuple(cur.shape) != tuple(t.shape):
+                        raise OptqError(f"{key} has shape {tuple(t.shape)}, expected {tuple(cur.shape)}")
+                    owner._parameters[leaf] = nn.Parameter(t.to(torch_dtype), requires_grad=False)
+                elif leaf in owner._buffers:
+                    owner._buffers[leaf] = t.to(torch_dtype) if t.is_floating_point() else t
+                else:
+                    raise OptqError(f"tensor {key} does not belong to this model architecture")
+    absent = [f"{n}.{leaf}" for n in qmods for leaf in _QUANT_DTYPES if f"{n}.{leaf}" not in loaded]
+    if absent:
+        raise OptqError(f"the checkpoint has no tensor {absent[0]} ({len(absent)} missing): it is incomplete")
+    model.tie_weights()
+    meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if meta:
+        raise OptqError(f"the checkpoint has no tensor for {meta[0]} ({len(meta)} missing): it is incomplete")
+    model.eval()
+    model.to(device)
+    return model
