@@ -98,15 +98,38 @@ def quantize(
         progress=progress,
         on_module=on_module,
     )
-    meta = {"quantizer": [f"optq:{__version__}"], "method": config.method}
+    calibration = None
     if windows is not None:
-        meta["calibration"] = {"dataset": str(dataset), "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
-    tensors = checkpoint_tensors(src.model.state_dict(), result.modules, out_dtype)
-    with folder as tmp:
-        write_checkpoint(tmp, _model_config_dict(src.model), result.config.to_hf(meta), tensors, shard_bytes, out_dtype)
-        _copy_tokenizer(src, tmp)
-        write_log_csv(tmp / LOG_FILE, result.log)
+        calibration = {"dataset": str(dataset), "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
+    save_quantized(src.model, result, folder, out_dtype, shard_bytes, calibration,
+                   extra_files=lambda tmp: _copy_tokenizer(src, tmp))
     return QuantizeReport(Path(out), result, time.perf_counter() - started)
+
+
+def save_quantized(
+    model,
+    result: QuantizedModel,
+    out: str | os.PathLike | AtomicFolder,
+    dtype: str | torch.dtype = "float16",
+    max_shard_size: str | int = "4GB",
+    calibration: dict | None = None,
+    extra_files=None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the checkpoint of a model quantized in memory by `quantize_model` (atomically)."""
+    folder = out if isinstance(out, AtomicFolder) else AtomicFolder(out, overwrite=overwrite)
+    out_dtype = parse_dtype(dtype)
+    meta = {"quantizer": [f"optq:{__version__}"], "method": result.config.method}
+    if calibration:
+        meta["calibration"] = calibration
+    tensors = checkpoint_tensors(model.state_dict(), result.modules, out_dtype)
+    with folder as tmp:
+        write_checkpoint(tmp, _model_config_dict(model), result.config.to_hf(meta), tensors,
+                         parse_size(max_shard_size), out_dtype)
+        if extra_files is not None:
+            extra_files(tmp)
+        write_log_csv(tmp / LOG_FILE, result.log)
+    return folder.dest
 
 
 def load_any(path: str | os.PathLike, dtype: str | torch.dtype = "float32", allow_pickle: bool = False,

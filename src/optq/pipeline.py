@@ -117,13 +117,11 @@ class _Catcher(nn.Module):
             hidden, args = args[0], args[1:]
         else:
             hidden = kwargs.pop("hidden_states")
-        if args:
-            raise OptqError("decoder layers called with extra positional arguments are not supported")
         kwargs["use_cache"] = False
-        kwargs.pop("past_key_values", None)
-        kwargs.pop("past_key_value", None)
-        kwargs.pop("layer_past", None)
-        self.store.append((hidden.detach(), kwargs))
+        for cache_arg in ("past_key_values", "past_key_value", "layer_past"):
+            if kwargs.get(cache_arg) is not None:
+                raise OptqError("decoder layer received a KV cache during calibration; this model is not supported")
+        self.store.append((hidden.detach(), args, kwargs))
         raise _StopForward
 
 
@@ -132,7 +130,7 @@ def _layer_output(out):
 
 
 def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, windows: list[torch.Tensor], device) -> list:
-    """(hidden_states, kwargs) of each calibration window at the input of decoder layer 0."""
+    """(hidden_states, positional args, kwargs) of each calibration window at the input of decoder layer 0."""
     store: list = []
     first = layers[0]
     layers[0] = _Catcher(first, store)
@@ -197,11 +195,11 @@ class _GroupCollector:
 
     def run(self, layer: nn.Module, inputs: list) -> None:
         with torch.no_grad():
-            for hidden, kwargs in inputs:
+            for hidden, args, kwargs in inputs:
                 self._seen.clear()
                 self._inputs.clear()
                 try:
-                    layer(hidden, **kwargs)
+                    layer(hidden, *args, **kwargs)
                 except _StopForward:
                     pass
         self._inputs.clear()
@@ -278,7 +276,7 @@ def quantize_model(
 
     inputs = capture_layer_inputs(model, layers, windows, device) if needs_data else None
     if inputs is not None:
-        inputs = [(_to(h, device, compute_dtype), _to(kw, device, compute_dtype)) for h, kw in inputs]
+        inputs = [_to(entry, device, compute_dtype) for entry in inputs]
 
     rows: list[ModuleLog] = []
     packed: dict[str, dict[str, torch.Tensor]] = {}
@@ -322,12 +320,12 @@ def quantize_model(
         if needs_data:
             with torch.no_grad():
                 outputs = []
-                for hidden, kwargs in inputs:
-                    out = _layer_output(work(hidden, **kwargs))
+                for hidden, args, kwargs in inputs:
+                    out = _layer_output(work(hidden, *args, **kwargs))
                     if not torch.isfinite(out).all():
                         raise OptqError(f"layer {index}: its outputs hold NaN or Inf on the calibration data")
                     outputs.append(out)
-            inputs = [(o, kw) for o, (_, kw) in zip(outputs, inputs)]
+            inputs = [(o, args, kw) for o, (_, args, kw) in zip(outputs, inputs)]
         if device.type != "cpu":
             layers[index] = layer.to("cpu")
         del work

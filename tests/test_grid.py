@@ -1,0 +1,80 @@
+import pytest
+import torch
+
+from optq.core.grid import GridSpec, dequantize, find_params, quantize, rtn_quantize
+
+
+def _within_half_step(w, spec):
+    scale, zero = find_params(w, spec)
+    q = quantize(w, scale[:, None], zero[:, None], spec.maxq)
+    err = (dequantize(q, scale[:, None], zero[:, None]) - w).abs()
+    return err, scale, zero, q
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sym", [True, False])
+def test_min_max_grid(bits, sym):
+    w = torch.randn(16, 40, generator=torch.Generator().manual_seed(bits))
+    spec = GridSpec(bits=bits, sym=sym)
+    err, scale, zero, q = _within_half_step(w, spec)
+    assert torch.equal(zero, zero.round())
+    assert q.min() >= 0 and q.max() <= 2**bits - 1
+    # Scales are float16 values.
+    assert torch.equal(scale, scale.half().float())
+    if sym:
+        assert (zero == 2 ** (bits - 1)).all()
+        # The largest magnitude may clip by one step at the top of a symmetric grid; all others within half.
+        assert (err <= scale[:, None] * 1.0001).all()
+    else:
+        assert (err <= scale[:, None] * 0.5001).all()
+
+
+def test_v1_min_zero_keeps_range():
+    # All-positive rows would get zero 0; v1 cannot store it, so zero >= 1 and the top still fits.
+    w = torch.rand(8, 32) + 0.1
+    spec = GridSpec(bits=4, sym=False, min_zero=1)
+    err, scale, zero, _ = _within_half_step(w, spec)
+    assert (zero >= 1).all()
+    assert (err <= scale[:, None] * 0.5001).all()
+    assert (find_params(w, GridSpec(bits=4, sym=False))[1] == 0).any()
+
+
+def test_mse_search_does_not_increase_error():
+    w = torch.randn(32, 128, generator=torch.Generator().manual_seed(1))
+    w[:, 0] *= 8  # outliers make shrinking worthwhile
+    for sym in (True, False):
+        plain = GridSpec(bits=3, sym=sym)
+        mse = GridSpec(bits=3, sym=sym, mse=True)
+
+        def norm_err(spec):
+            s, z = find_params(w, spec)
+            q = quantize(w, s[:, None], z[:, None], spec.maxq)
+            return (dequantize(q, s[:, None], z[:, None]) - w).abs().pow(2.4).sum(1)
+
+        e_plain, e_mse = norm_err(plain), norm_err(mse)
+        assert (e_mse <= e_plain * (1 + 1e-6)).all()
+        assert (e_mse < e_plain).any()
+
+
+def test_rtn_partial_last_group():
+    w = torch.randn(6, 172)
+    qw = rtn_quantize(w, GridSpec(bits=4), group_size=64)
+    assert qw.scales.shape == (3, 6)
+    assert qw.g_idx.tolist() == [i // 64 for i in range(172)]
+    # The last group (44 columns) has its own parameters, computed from exactly those columns.
+    s, z = find_params(w[:, 128:], GridSpec(bits=4))
+    assert torch.equal(qw.scales[2], s)
+    assert torch.equal(qw.zeros[2], z)
+
+
+def test_per_channel_group():
+    w = torch.randn(4, 50)
+    qw = rtn_quantize(w, GridSpec(bits=8), group_size=-1)
+    assert qw.scales.shape == (1, 4)
+    assert (qw.g_idx == 0).all()
+    assert (qw.dequantize() - w).abs().max() <= qw.scales.max()
+
+
+def test_bad_bits():
+    with pytest.raises(ValueError):
+        GridSpec(bits=5)
