@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) benchmarks/demo.py --shared $(SHARED)
+	$(PY) examples/demo.py --shared $(SHARED)
 
 test: install
 	$(PY) -m pytest -q -ra

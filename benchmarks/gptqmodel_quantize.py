@@ -1,0 +1,42 @@
+"""Quantize with GPTQModel (run with the Python of the venv made by gptqmodel_env.sh).
+
+The calibration windows come from a safetensors file written by quality_smollm2.py, so both tools see the same
+tokens. Settings mirror optq's: symmetric, no act-order, damp 0.01, no MSE, true-sequential.
+"""
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("out")
+    ap.add_argument("--windows", required=True, help="safetensors file with a 'windows' int64 tensor [n, seqlen]")
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--damp", type=float, default=0.01)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    a = ap.parse_args()
+
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    windows = load_file(a.windows)["windows"]
+    calibration = [{"input_ids": w.tolist(), "attention_mask": [1] * w.numel()} for w in windows]
+    cfg = QuantizeConfig(bits=a.bits, group_size=a.group_size, desc_act=False, sym=True, damp_percent=a.damp,
+                         act_group_aware=False, mse=0.0, offload_to_disk=False)
+    t0 = time.perf_counter()
+    model = GPTQModel.load(a.model, cfg, dtype=getattr(torch, a.dtype))
+    model.quantize(calibration, batch_size=1)
+    model.save(a.out)
+    print(f"gptqmodel quantize+save seconds {time.perf_counter() - t0:.1f}")
+
+
+if __name__ == "__main__":
+    main()

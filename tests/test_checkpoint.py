@@ -1,0 +1,241 @@
+"""The checkpoint contract on the real tiny models: files, determinism, sharding, formats, loading."""
+
+import hashlib
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import optq
+from optq.api import load_any
+from optq.config import QuantizeConfig
+from optq.errors import OptqError
+from optq.evaluate import generate, perplexity_of_ids
+from optq.formats.gptq import open_checkpoint
+from optq.runtime.quant_linear import QuantLinear
+
+CAL = dict(nsamples=8, seqlen=128, progress=False)
+
+
+def _quantize(model, out, text, **cfg):
+    return optq.quantize(model, out, QuantizeConfig(**cfg), dataset=str(text), **CAL)
+
+
+def _tensors(folder):
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as sf:
+            out.update({k: sf.get_tensor(k) for k in sf.keys()})
+    return out
+
+
+def _sha(folder):
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.glob("*.safetensors"))}
+
+
+def spec_dequantize(t, bits, in_f, out_f, v1):
+    """The spec's formulas element by element, in plain Python ints: an independent reader."""
+    qweight = t["qweight"].tolist()
+    qzeros = t["qzeros"].tolist()
+    scales = t["scales"].float().tolist()
+    g_idx = t["g_idx"].tolist()
+    mask = (1 << bits) - 1
+
+    def get(words_rows, i, col):  # value i of a little-endian bit stream down column `col`
+        bit = bits * i
+        word, off = divmod(bit, 32)
+        lo = words_rows[word][col] & 0xFFFFFFFF
+        hi = (words_rows[word + 1][col] & 0xFFFFFFFF) if off + bits > 32 else 0
+        return ((lo | (hi << 32)) >> off) & mask
+
+    zt = [list(r) for r in zip(*qzeros)]  # qzeros packs along out: transpose to use the same reader
+    w = torch.empty(out_f, in_f)
+    for i in range(in_f):
+        g = g_idx[i]
+        for o in range(out_f):
+            z = get(zt, o, g) + (1 if v1 else 0)
+            w[o, i] = scales[g][o] * (get(qweight, i, o) - z)
+    return w
+
+
+def test_files_and_config(tinystories_model, tinystories_text, tmp_path):
+    out = tmp_path / "q"
+    _quantize(tinystories_model, out, tinystories_text)
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "quantize_config.json", "model.safetensors", "quant_log.csv", "tokenizer.json",
+            "generation_config.json"} <= names
+    cfg = json.loads((out / "config.json").read_text())
+    q = cfg["quantization_config"]
+    for k in ("quant_method", "bits", "group_size", "desc_act", "sym", "static_groups", "true_sequential",
+              "damp_percent", "checkpoint_format", "lm_head", "dynamic", "meta"):
+        assert k in q, k
+    assert q["quant_method"] == "gptq" and q["checkpoint_format"] == "gptq" and q["bits"] == 4
+    assert q["meta"]["quantizer"][0].startswith("optq:")
+    assert json.loads((out / "quantize_config.json").read_text()) == q
+    t = _tensors(out)
+    m = "model.layers.0.mlp.down_proj"  # in 384, out 128
+    assert t[f"{m}.qweight"].dtype == torch.int32 and t[f"{m}.qweight"].shape == (384 * 4 // 32, 128)
+    assert t[f"{m}.qzeros"].shape == (3, 128 * 4 // 32)
+    assert t[f"{m}.scales"].dtype == torch.float16 and t[f"{m}.scales"].shape == (3, 128)
+    assert t[f"{m}.g_idx"].tolist() == [i // 128 for i in range(384)]
+    assert (t[f"{m}.qzeros"] == 0x77777777).all()  # symmetric 4-bit, v1
+    assert "lm_head.weight" not in t  # tied to the embeddings
+    log_lines = (out / "quant_log.csv").read_text().splitlines()
+    assert log_lines[0].split(",")[:4] == ["layer", "module", "bits", "group_size"]
+    assert len(log_lines) == 1 + 14
+
+
+def test_two_runs_are_byte_identical(tinystories_model, tinystories_text, tmp_path):
+    _quantize(tinystories_model, tmp_path / "a", tinystories_text, desc_act=True)
+    _quantize(tinystories_model, tmp_path / "b", tinystories_text, desc_act=True)
+    assert _sha(tmp_path / "a") == _sha(tmp_path / "b")
+    assert (tmp_path / "a" / "config.json").read_bytes() == (tmp_path / "b" / "config.json").read_bytes()
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [dict(bits=4, group_size=64, desc_act=True), dict(bits=3, group_size=128), dict(bits=2, group_size=32),
+     dict(bits=8, group_size=-1), dict(bits=4, group_size=128, sym=False),
+     dict(bits=4, group_size=32, sym=False, checkpoint_format="gptq_v2"),
+     dict(bits=4, group_size=64, desc_act=True, static_groups=True)],
+    ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()),
+)
+def test_load_matches_spec_reader(cfg, tinystories_model, tinystories_text, tmp_path):
+    out = tmp_path / "q"
+    _quantize(tinystories_model, out, tinystories_text, **cfg)
+    t = _tensors(out)
+    model = optq.load(out)
+    m = "model.layers.1.self_attn.o_proj"
+    prefix = f"{m}."
+    mt = {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}
+    ql = model.get_submodule(m)
+    assert isinstance(ql, QuantLinear)
+    v1 = cfg.get("checkpoint_format", "gptq") == "gptq"
+    want = spec_dequantize(mt, cfg["bits"], 128, 128, v1)
+    torch.testing.assert_close(ql.dequantize_weight(torch.float32), want, atol=0, rtol=0)
+    if not cfg.get("sym", True) and v1:
+        assert (t[f"{m}.qzeros"] != -1).all()
+    if cfg.get("desc_act") and not cfg.get("static_groups"):
+        g = mt["g_idx"]
+        assert not torch.all(g[1:] >= g[:-1])
+
+
+def test_sharded_equals_single(tinystories_model, tinystories_text, tmp_path):
+    _quantize(tinystories_model, tmp_path / "one", tinystories_text)
+    optq.quantize(tinystories_model, tmp_path / "many", QuantizeConfig(), dataset=str(tinystories_text),
+                  max_shard_size="200KB", **CAL)
+    index = json.loads((tmp_path / "many" / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) >= 3 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    one, many = _tensors(tmp_path / "one"), _tensors(tmp_path / "many")
+    assert one.keys() == many.keys() == index["weight_map"].keys()
+    assert all(torch.equal(one[k], many[k]) for k in one)
+    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in many.values())
+    ids = torch.randint(0, 2048, (1, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(optq.load(tmp_path / "one")(ids).logits, optq.load(tmp_path / "many")(ids).logits)
+
+
+def test_gptq_beats_rtn_on_tinystories(tinystories_model, tinystories_text, tmp_path):
+    # Calibrate on the first half of the stories, evaluate on the second half.
+    text = tinystories_text.read_text().split("<|endoftext|>")
+    cal, held = tmp_path / "cal.txt", tmp_path / "held.txt"
+    cal.write_text("\n\n".join(text[:50]))
+    held.write_text("\n\n".join(text[50:]))
+    optq.quantize(tinystories_model, tmp_path / "g", QuantizeConfig(bits=3, group_size=64), dataset=str(cal),
+                  nsamples=32, seqlen=256, progress=False)
+    optq.quantize(tinystories_model, tmp_path / "r", QuantizeConfig(bits=3, group_size=64, method="rtn"),
+                  progress=False)
+    from optq.calibration import load_documents, tokenize_joined
+
+    ppl = {}
+    for name, path in (("float", tinystories_model), ("gptq", tmp_path / "g"), ("rtn", tmp_path / "r")):
+        model, tok = load_any(path)
+        ids = tokenize_joined(tok, load_documents(str(held)))
+        ppl[name] = perplexity_of_ids(model, ids, 256, progress=False).perplexity
+    assert ppl["float"] < ppl["gptq"] < ppl["rtn"], ppl
+    # With only 32 x 256 calibration tokens on a 2-layer model GPTQ closes about half of RTN's gap (measured
+    # 0.51); require a clear margin rather than the full-size benchmark's bar.
+    assert ppl["gptq"] - ppl["float"] < 0.7 * (ppl["rtn"] - ppl["float"]), ppl
+
+
+def test_stories260k_odd_widths(stories260k_model, tinystories_text, tmp_path):
+    # down_proj has 172 inputs: 4-bit packing needs multiples of 8, so it stays in float and says so;
+    # 8-bit packs it, with a last group of 44 columns at group size 128.
+    r4 = optq.quantize(stories260k_model, tmp_path / "q4", QuantizeConfig(bits=4, group_size=32),
+                       dataset=str(tinystories_text), **CAL)
+    dyn = json.loads((tmp_path / "q4" / "config.json").read_text())["quantization_config"]["dynamic"]
+    assert len(dyn) == 5 and all(k.startswith("-:") and "down_proj" in k for k in dyn)
+    assert any("left in float" in r.note for r in r4.result.log)
+    model = optq.load(tmp_path / "q4")
+    assert isinstance(model.model.layers[0].mlp.down_proj, torch.nn.Linear)
+    assert isinstance(model.model.layers[0].mlp.up_proj, QuantLinear)
+
+    optq.quantize(stories260k_model, tmp_path / "q8", QuantizeConfig(bits=8, group_size=128),
+                  dataset=str(tinystories_text), **CAL)
+    t = _tensors(tmp_path / "q8")
+    down = "model.layers.0.mlp.down_proj"
+    assert t[f"{down}.scales"].shape == (2, 64)
+    assert t[f"{down}.g_idx"].tolist() == [0] * 128 + [1] * 44
+    model, tok = load_any(tmp_path / "q8")
+    text = generate(model, tok, "Once upon a time", max_new_tokens=12)
+    assert len(text.split()) >= 3
+
+
+def test_output_exists_and_atomic_write(tinystories_model, tinystories_text, tmp_path, monkeypatch):
+    out = tmp_path / "q"
+    out.mkdir()
+    with pytest.raises(OptqError, match="already exists.*--overwrite"):
+        _quantize(tinystories_model, out, tinystories_text)
+    out.rmdir()
+
+    import optq.formats.gptq as fmt
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(fmt, "write_safetensors", broken)
+    with pytest.raises(OSError):
+        _quantize(tinystories_model, out, tinystories_text)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # no temporary folder left behind
+
+
+def test_overwrite_replaces(tinystories_model, tinystories_text, tmp_path):
+    out = tmp_path / "q"
+    _quantize(tinystories_model, out, tinystories_text, bits=8)
+    optq.quantize(tinystories_model, out, QuantizeConfig(bits=4), dataset=str(tinystories_text), overwrite=True,
+                  **CAL)
+    assert open_checkpoint(out).quant.bits == 4
+    assert [p.name for p in tmp_path.iterdir()] == ["q"]
+
+
+def test_refuses_pickle_only_folder(tmp_path, tinystories_model):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text((tinystories_model / "config.json").read_text())
+    (folder / "pytorch_model.bin").write_bytes(b"not really")
+    with pytest.raises(OptqError, match="pickle.*--allow-pickle"):
+        optq.quantize(folder, tmp_path / "out", QuantizeConfig(method="rtn"), progress=False)
+
+
+def test_calibration_too_short(tinystories_model, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("Once upon a time there was a cat.")
+    with pytest.raises(OptqError, match=r"has \d+ tokens"):
+        optq.quantize(tinystories_model, tmp_path / "out", QuantizeConfig(), dataset=str(short), nsamples=4,
+                      seqlen=128, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_tensor_is_an_error(tinystories_model, tinystories_text, tmp_path):
+    out = tmp_path / "q"
+    _quantize(tinystories_model, out, tinystories_text)
+    from safetensors.torch import save_file
+
+    t = _tensors(out)
+    del t["model.layers.1.mlp.up_proj.scales"]
+    save_file(t, str(out / "model.safetensors"))
+    with pytest.raises(OptqError, match="up_proj.scales"):
+        optq.load(out)
