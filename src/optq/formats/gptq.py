@@ -162,6 +162,12 @@ class AtomicFolder:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
+        # safetensors creates files readable by the owner only; a checkpoint is meant to be shared.
+        umask = os.umask(0)
+        os.umask(umask)
+        self.tmp.chmod(0o777 & ~umask)
+        for f in self.tmp.iterdir():
+            f.chmod(0o666 & ~umask)
         if self.dest.exists():
             old = self.dest.parent / f".{self.dest.name}.optq-old-{uuid.uuid4().hex[:8]}"
             os.replace(self.dest, old)

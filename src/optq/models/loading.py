@@ -125,6 +125,12 @@ def load_source_model(
         )
     except (OSError, ValueError) as e:
         raise OptqError(f"cannot load the model from {path}: {e}") from None
+    if is_gguf:
+        # The weights are dequantized floats now; drop Transformers' GGUF marker so the model is a plain
+        # float model (saveable, and no 'quantization_config' carried into our config.json).
+        m.hf_quantizer = None
+        if hasattr(m.config, "quantization_config"):
+            del m.config.quantization_config
     m.eval()
     tok = load_tokenizer(path, is_gguf, trust_remote_code)
     return SourceModel(model=m, tokenizer=tok, path=path, is_gguf=is_gguf)

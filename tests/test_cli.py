@@ -1,0 +1,67 @@
+"""The CLI contract: command and option names, --json output, one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def optq(*args, check=True):
+    p = subprocess.run([sys.executable, "-m", "optq", *map(str, args)], capture_output=True, text=True, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"optq {args} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def test_quantize_eval_generate_inspect(tinystories_model, tinystories_text, tmp_path):
+    out = tmp_path / "q"
+    p = optq("quantize", tinystories_model, out, "--bits", 4, "--group-size", 64, "--desc-act", "--damp", 0.02,
+             "--nsamples", 8, "--seqlen", 128, "--dataset", tinystories_text, "--seed", 1, "--max-shard-size", "4GB")
+    assert "model.layers.1.mlp.down_proj" in p.stdout + p.stderr  # the per-module log
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (cfg["bits"], cfg["group_size"], cfg["desc_act"], cfg["damp_percent"]) == (4, 64, True, 0.02)
+
+    r = json.loads(optq("eval", out, "--dataset", tinystories_text, "--seqlen", 128, "--max-windows", 4,
+                        "--json").stdout.strip().splitlines()[-1])
+    assert {"perplexity", "tokens", "seconds"} <= set(r) and r["tokens"] == 4 * 128 and 1 < r["perplexity"] < 1e4
+
+    g = optq("generate", out, "--prompt", "Once upon a time", "--max-new-tokens", 8)
+    assert len(g.stdout.strip()) > 0
+
+    i = optq("inspect", out)
+    assert "model.layers.0.self_attn.q_proj" in i.stdout and "16-bit original" in i.stdout
+    info = json.loads(optq("inspect", out, "--json").stdout)
+    assert len(info["modules"]) == 14 and info["size_bytes"] < info["fp16_bytes"]
+
+    rtn = tmp_path / "r"
+    optq("quantize", tinystories_model, rtn, "--rtn", "--bits", 3, "--asym", "--quiet")
+    assert json.loads((rtn / "config.json").read_text())["quantization_config"]["meta"]["method"] == "rtn"
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--bits", "5"], "bits=5 is not supported"),
+        (["--group-size", "0"], "group_size=0 is invalid"),
+        (["--damp", "-0.1"], "damp_percent=-0.1 is out of range"),
+        (["--dataset", "/nonexistent.txt"], "neither a file"),
+    ],
+)
+def test_bad_input_is_one_line(args, message, tinystories_model, tmp_path):
+    p = optq("quantize", tinystories_model, tmp_path / "o", *args, check=False)
+    assert p.returncode == 2
+    assert message in p.stderr
+    assert "Traceback" not in p.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_model_and_unknown_checkpoint_format(tmp_path):
+    p = optq("eval", tmp_path / "nope", "--dataset", "pydoc", check=False)
+    assert p.returncode == 2 and "does not exist" in p.stderr
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {
+        "quant_method": "gptq", "bits": 4, "group_size": 128, "checkpoint_format": "gptq_v9"}}))
+    p = optq("inspect", ck, check=False)
+    assert p.returncode == 2 and "checkpoint_format='gptq_v9' is unknown" in p.stderr
