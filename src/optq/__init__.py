@@ -6,11 +6,11 @@ from .config import QuantizeConfig  # noqa: E402
 from .errors import OptqError  # noqa: E402
 
 
-def load(path, dtype="float32", device="cpu", trust_remote_code=False):
+def load(path, dtype="float32", device="cpu", trust_remote_code=False, backend="auto"):
     """Load a GPTQ checkpoint folder as a Transformers model with optq QuantLinear modules."""
     from .runtime.load import load as _load
 
-    return _load(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    return _load(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code, backend=backend)
 
 
 def quantize(*args, **kwargs):

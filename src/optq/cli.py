@@ -49,6 +49,8 @@ def _add_common_model(p) -> None:
     p.add_argument("model", help="quantized checkpoint, float model folder, .gguf file, or 'smollm2'")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="activation dtype (default float32)")
+    p.add_argument("--backend", default="auto", choices=["auto", "reference", "int4"],
+                   help="QuantLinear kernel: auto picks the fastest that runs each module")
     p.add_argument("--allow-pickle", action="store_true")
     p.add_argument("--trust-remote-code", action="store_true")
 
@@ -107,7 +109,7 @@ def cmd_eval(a) -> int:
     from .evaluate import perplexity
 
     t0 = time.perf_counter()
-    model, tok = load_any(a.model, a.dtype, a.allow_pickle, a.trust_remote_code)
+    model, tok = load_any(a.model, a.dtype, a.allow_pickle, a.trust_remote_code, a.backend)
     load_s = time.perf_counter() - t0
     res = perplexity(model, tok, a.dataset, a.seqlen, a.max_windows, progress=not a.json)
     if a.json:
@@ -123,7 +125,7 @@ def cmd_generate(a) -> int:
     from .api import load_any
     from .evaluate import generate
 
-    model, tok = load_any(a.model, a.dtype, a.allow_pickle, a.trust_remote_code)
+    model, tok = load_any(a.model, a.dtype, a.allow_pickle, a.trust_remote_code, a.backend)
     print(generate(model, tok, a.prompt, a.max_new_tokens, chat=a.chat))
     return 0
 

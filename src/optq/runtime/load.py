@@ -82,8 +82,12 @@ def load(
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
+    backend: str = "auto",
 ) -> nn.Module:
-    """Load a GPTQ checkpoint folder; activations and unquantized weights in `dtype`."""
+    """Load a GPTQ checkpoint folder; activations and unquantized weights in `dtype`.
+
+    backend: "auto" (the fastest that can run each module), "reference" (dequantize + matmul) or "int4"
+    (PyTorch's CPU int4 kernel; an error for modules it cannot run)."""
     path = Path(path)
     torch_dtype = parse_dtype(dtype)
     info = open_checkpoint(path)
@@ -127,4 +131,9 @@ def load(
         raise OptqError(f"the checkpoint has no tensor for {meta[0]} ({len(meta)} missing): it is incomplete")
     model.eval()
     model.to(device)
+    for name, ql in qmods.items():
+        try:
+            ql.prepare(backend, torch_dtype)
+        except ValueError as e:
+            raise OptqError(f"{name}: {e}") from None
     return model
