@@ -1,8 +1,10 @@
+import os
 from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+# The fixtures live in ../shared/data beside the repository (OPTQ_SHARED overrides the ../shared folder).
+SHARED = Path(os.environ.get("OPTQ_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "data"
 
 
 def shared_path(*parts) -> Path:
