@@ -75,6 +75,14 @@ def unpack(packed: torch.Tensor, bits: int, n: int | None = None) -> torch.Tenso
     vpp, wpp = values_per_period(bits), words_per_period(bits)
     if packed.shape[0] % wpp:
         raise ValueError(f"{bits}-bit data needs a multiple of {wpp} words along the packed dimension")
+    if wpp == 1:
+        # No value straddles words: one shift-and-mask over all positions at once (the arithmetic shift of a
+        # negative word fills with ones, which the mask drops).
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
+        shifts = shifts.view(1, vpp, *([1] * (packed.dim() - 1)))
+        out = (packed.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
+        out = out.reshape(packed.shape[0] * vpp, *packed.shape[1:])
+        return out if n is None else out[:n]
     words = packed.to(torch.int64) & _MASK32
     periods = packed.shape[0] // wpp
     words = words.reshape(periods, wpp, *packed.shape[1:])

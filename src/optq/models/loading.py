@@ -120,8 +120,10 @@ def load_source_model(
         config = AutoConfig.from_pretrained(where, local_files_only=True, trust_remote_code=trust_remote_code)
     arch_spec(config.model_type)  # unsupported architectures fail before the weights are read
     try:
+        # GGUF is dequantized to plain float32 tensors first: asked for another dtype, Transformers keeps the
+        # GGUF blocks packed behind its own kernels, which is neither a plain float model nor faster here.
         m = AutoModelForCausalLM.from_pretrained(
-            where, dtype=torch_dtype, trust_remote_code=trust_remote_code, **kwargs
+            where, dtype=torch.float32 if is_gguf else torch_dtype, trust_remote_code=trust_remote_code, **kwargs
         )
     except (OSError, ValueError) as e:
         raise OptqError(f"cannot load the model from {path}: {e}") from None
@@ -131,6 +133,7 @@ def load_source_model(
         m.hf_quantizer = None
         if hasattr(m.config, "quantization_config"):
             del m.config.quantization_config
+        m.to(torch_dtype)
     m.eval()
     tok = load_tokenizer(path, is_gguf, trust_remote_code)
     return SourceModel(model=m, tokenizer=tok, path=path, is_gguf=is_gguf)
