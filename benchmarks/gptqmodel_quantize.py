@@ -23,13 +23,14 @@ def main():
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--damp", type=float, default=0.01)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--desc-act", action="store_true")
     a = ap.parse_args()
 
     from gptqmodel import GPTQModel, QuantizeConfig
 
     windows = load_file(a.windows)["windows"]
     calibration = [{"input_ids": w.tolist(), "attention_mask": [1] * w.numel()} for w in windows]
-    cfg = QuantizeConfig(bits=a.bits, group_size=a.group_size, desc_act=False, sym=True, damp_percent=a.damp,
+    cfg = QuantizeConfig(bits=a.bits, group_size=a.group_size, desc_act=a.desc_act, sym=True, damp_percent=a.damp,
                          act_group_aware=False, mse=0.0, offload_to_disk=False)
     t0 = time.perf_counter()
     model = GPTQModel.load(a.model, cfg, dtype=getattr(torch, a.dtype))

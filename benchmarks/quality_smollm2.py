@@ -68,6 +68,7 @@ def main() -> None:
     ap.add_argument("--eval-dtype", default="bfloat16", help="activation dtype of the perplexity runs")
     ap.add_argument("--compute-dtype", default="bfloat16",
                     help="calibration forward dtype, for optq and GPTQModel alike")
+    ap.add_argument("--desc-act", action="store_true", help="act-order for the GPTQ runs (both tools)")
     ap.add_argument("--gptqmodel-venv", default="/tmp/optq-gptqmodel-venv",
                     help="venv made by benchmarks/gptqmodel_env.sh; skipped if absent")
     a = ap.parse_args()
@@ -90,14 +91,17 @@ def main() -> None:
                             str(a.group_size), "--quiet"),
             "optq-gptq": optq_cmd("quantize", str(float_dir), "", "--bits", str(bits), "--group-size",
                                   str(a.group_size), "--dataset", cal, "--nsamples", str(a.nsamples), "--seqlen",
-                                  str(a.seqlen), "--seed", "0", "--compute-dtype", a.compute_dtype, "--quiet"),
+                                  str(a.seqlen), "--seed", "0", "--compute-dtype", a.compute_dtype, "--quiet",
+                                  *(["--desc-act"] if a.desc_act else [])),
         }
         if gq_python.exists():
             runs["gptqmodel-gptq"] = [str(gq_python), str(Path(__file__).parent / "gptqmodel_quantize.py"),
                                       str(float_dir), "", "--windows", str(windows), "--bits", str(bits),
                                       "--group-size", str(a.group_size), "--dtype", a.compute_dtype]
+            runs["gptqmodel-gptq"] += ["--desc-act"] if a.desc_act else []
         for name, cmd in runs.items():
-            out = work / f"{name}-{bits}bit-g{a.group_size}"
+            act = "-act" if (a.desc_act and name != "rtn") else ""
+            out = work / f"{name}-{bits}bit-g{a.group_size}{act}"
             cmd[cmd.index("")] = str(out)
             timing_file = work / f"{out.name}.timing.json"
             if not (out / "config.json").exists() or not timing_file.exists():
@@ -105,7 +109,7 @@ def main() -> None:
                 timing_file.write_text(json.dumps(timing) + "\n")
             timing = json.loads(timing_file.read_text())
             res = evaluate(out, work / f"eval-{out.name}.json", a.eval_dtype, work / f"eval-{out.name}.log")
-            rows.append({"model": name, "bits": bits, "perplexity": res["perplexity"],
+            rows.append({"model": name + act, "bits": bits, "perplexity": res["perplexity"],
                          "size_mb": folder_size(out) / 1e6, "quantize_seconds": timing["seconds"],
                          "quantize_peak_rss_mb": timing["peak_rss_mb"]})
             print(json.dumps(rows[-1]), flush=True)
@@ -113,13 +117,13 @@ def main() -> None:
     base = rows[0]["perplexity"]
     print(f"\nSmolLM2-135M-Instruct, wiki.test.raw seqlen {a.seqlen}, calibration {a.nsamples} x {a.seqlen} "
           f"wiki2.valid, group size {a.group_size}, eval dtype {a.eval_dtype}")
-    print(f"{'model':16s} {'bits':>4s} {'ppl':>9s} {'gap closed':>10s} {'size MB':>8s} {'quant s':>8s} {'peak MB':>8s}")
+    print(f"{'model':20s} {'bits':>4s} {'ppl':>9s} {'gap closed':>10s} {'size MB':>8s} {'quant s':>8s} {'peak MB':>8s}")
     for r in rows:
         closed = ""
-        if r["model"] != "rtn" and r["bits"] != 32:
+        if r["model"] != "rtn" and r["bits"] != 32 and any(x["model"] == "rtn" and x["bits"] == r["bits"] for x in rows):
             rtn = next(x for x in rows if x["model"] == "rtn" and x["bits"] == r["bits"])
             closed = f"{(rtn['perplexity'] - r['perplexity']) / (rtn['perplexity'] - base):.0%}"
-        print(f"{r['model']:16s} {r['bits']:4d} {r['perplexity']:9.3f} {closed:>10s} {r['size_mb']:8.1f} "
+        print(f"{r['model']:20s} {r['bits']:4d} {r['perplexity']:9.3f} {closed:>10s} {r['size_mb']:8.1f} "
               f"{r.get('quantize_seconds', 0):8.1f} {r.get('quantize_peak_rss_mb', 0):8.0f}")
     result = {"benchmark": "quality_smollm2", "machine": machine_info(), "args": vars(a), "rows": rows}
     (work / "result.json").write_text(json.dumps(result, indent=2) + "\n")
