@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .core.grid import SUPPORTED_BITS, GridSpec
+from .core.grid import MSE_NORM, SUPPORTED_BITS, GridSpec
 from .errors import OptqError
 
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
@@ -90,7 +90,8 @@ class QuantizeConfig:
             "checkpoint_format": self.checkpoint_format,
             "lm_head": self.lm_head,
             "dynamic": self.dynamic,
-            "mse": self.mse,
+            # GPTQModel's field: the norm of the shrink search, 0.0 = off.
+            "mse": MSE_NORM if self.mse else 0.0,
         }
         d["meta"] = dict(meta or {})
         return d
@@ -113,6 +114,7 @@ class QuantizeConfig:
             "checkpoint_format": fmt,
             "lm_head": bool(d.get("lm_head", False)),
             "dynamic": d.get("dynamic") or {},
+            "mse": bool(d.get("mse", 0)),
         }
         if kwargs["bits"] is None:
             raise OptqError("quantization_config has no 'bits' field: the checkpoint is incomplete")
