@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import csv
-import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +18,6 @@ from .errors import OptqError
 from .formats.gptq import LOG_FILE, AtomicFolder, checkpoint_tensors, is_quantized_checkpoint, parse_size, write_checkpoint
 from .models.loading import TOKENIZER_FILES, SourceModel, load_source_model, load_tokenizer, parse_dtype
 from .pipeline import ModuleLog, QuantizedModel, quantize_model
-
-log = logging.getLogger("optq")
 
 
 @dataclass
@@ -78,8 +76,6 @@ def quantize(
     on_module=None,
 ) -> QuantizeReport:
     """Quantize `model` (a Hugging Face folder or a .gguf file) and write a GPTQ checkpoint to `out`."""
-    import time
-
     started = time.perf_counter()
     config = config or QuantizeConfig()
     out_dtype = parse_dtype(dtype)

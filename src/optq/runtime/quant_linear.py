@@ -86,7 +86,7 @@ class QuantLinear(nn.Module):
         The kernel group gk is the largest supported size whose blocks each fall in one GPTQ group: g128 with a
         last partial group of 64 (K = 576) runs as gk = 64, every block keeping its group's scale.
         """
-        k, n = self.in_features, self.out_features
+        k = self.in_features
         g_idx = self.g_idx.long()
         perm = None
         if bool((g_idx[1:] < g_idx[:-1]).any()):
