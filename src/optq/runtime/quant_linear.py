@@ -59,7 +59,7 @@ class QuantLinear(nn.Module):
         q = unpack(self.qweight, self.bits, self.in_features)  # [in, out]
         g = self.g_idx.long()
         z = self.zero_points()[g]  # [in, out]
-        s = self.scales.to(dtype if dtype == torch.float32 else torch.float32)[g]
+        s = self.scales.float()[g]
         return (s * (q - z)).T.to(dtype)
 
     # ---- backends ----------------------------------------------------------------------------------------
