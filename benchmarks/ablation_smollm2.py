@@ -36,6 +36,11 @@ VARIANTS = {
     "damp0.001": (dict(damp_percent=0.001), None),
     "damp0.1": (dict(damp_percent=0.1), None),
     "mse": (dict(mse=True), None),
+    "gptaq": (dict(gptaq=True), None),
+    "act-gptaq": (dict(desc_act=True, gptaq=True), None),
+    "act-static-gptaq": (dict(desc_act=True, static_groups=True, gptaq=True), None),
+    "act-mse": (dict(desc_act=True, mse=True), None),
+    "act-static-mse": (dict(desc_act=True, static_groups=True, mse=True), None),
 }
 
 

@@ -16,11 +16,7 @@ SHARED = REPO.parent / "shared" / "data"
 def machine_info() -> dict:
     import torch
 
-    flags = ""
-    try:
-        flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags"))
-    except (OSError, StopIteration):
-        pass
+    caps = torch.cpu.get_capabilities()
     model = ""
     try:
         model = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
@@ -32,9 +28,9 @@ def machine_info() -> dict:
         "cpu": model,
         "cores": os.cpu_count(),
         "memory_gib": round(mem / 2**30, 1),
-        "avx512": "avx512f" in flags,
-        "amx_bf16": "amx_bf16" in flags,
-        "avx512_bf16": "avx512_bf16" in flags,
+        "avx512": bool(caps.get("avx512_f")),
+        "amx_bf16": bool(caps.get("amx_bf16")),
+        "avx512_bf16": bool(caps.get("avx512_bf16")),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),

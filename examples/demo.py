@@ -18,6 +18,7 @@ import torch
 import optq
 from optq.api import load_any
 from optq.evaluate import generate, perplexity
+from optq.models.loading import parse_dtype
 
 
 def main() -> None:
@@ -33,8 +34,7 @@ def main() -> None:
 
     wiki = Path(a.shared) / "data" / "wikitext-2-raw" / "wiki.test.raw"
     eval_set = str(wiki) if wiki.exists() else "pydoc"
-    # bf16 activations where the CPU has native bf16 (AMX / AVX-512 BF16), else float32.
-    dtype = "bfloat16" if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else "float32"
+    dtype = str(parse_dtype("auto")).removeprefix("torch.")  # bfloat16 where the CPU has native bf16
     out = Path(a.out)
     out.mkdir(exist_ok=True)
     print(f"demo: SmolLM2-135M-Instruct; calibration pydoc {a.nsamples} x {a.seqlen}; eval {eval_set} "
@@ -73,14 +73,6 @@ def main() -> None:
     prompt = "What is the capital of France? Answer in one sentence."
     print(f"\nGPTQ 4-bit sample, prompt: {prompt!r}")
     print(generate(model, tok, prompt, max_new_tokens=48, chat=True))
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 if __name__ == "__main__":

@@ -128,7 +128,7 @@ def save_quantized(
     return folder.dest
 
 
-def load_any(path: str | os.PathLike, dtype: str | torch.dtype = "float32", allow_pickle: bool = False,
+def load_any(path: str | os.PathLike, dtype: str | torch.dtype = "auto", allow_pickle: bool = False,
              trust_remote_code: bool = False, backend: str = "auto"):
     """(model, tokenizer) for a quantized checkpoint, a float model folder or a .gguf file."""
     from .models.loading import resolve_model_path

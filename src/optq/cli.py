@@ -24,6 +24,9 @@ def _add_quantize(sub) -> None:
     p.add_argument("--asym", action="store_true", help="asymmetric grid (a zero point per group)")
     p.add_argument("--damp", type=float, default=0.01, help="damping, fraction of the mean Hessian diagonal (0.01)")
     p.add_argument("--mse", action="store_true", help="search a shrink factor of the range minimizing the error")
+    p.add_argument("--gptaq", action="store_true",
+                   help="GPTAQ asymmetric calibration: aim each layer at the float model's outputs (GPTQModel's v2)")
+    p.add_argument("--gptaq-alpha", type=float, default=0.25, help="weight of GPTAQ's cross term (default 0.25)")
     p.add_argument("--no-true-sequential", action="store_true", help="collect every module's inputs in one pass")
     p.add_argument("--rtn", action="store_true", help="round-to-nearest instead of GPTQ (no calibration)")
     p.add_argument("--format", default="gptq", choices=["gptq", "gptq_v2"], help="zero-point convention (v1 'gptq')")
@@ -46,9 +49,9 @@ def _add_quantize(sub) -> None:
 
 def _add_common_model(p) -> None:
     p.add_argument("model", help="quantized checkpoint, float model folder, .gguf file, or 'smollm2'")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="activation dtype (default float32)")
-    p.add_argument("--backend", default="auto", choices=["auto", "reference", "int4"],
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="activation dtype; auto = bfloat16 where the CPU has native bf16, else float32 (default)")
+    p.add_argument("--backend", default="auto", choices=["auto", "reference", "int4", "int8"],
                    help="QuantLinear kernel: auto picks the fastest that runs each module")
     p.add_argument("--allow-pickle", action="store_true")
     p.add_argument("--trust-remote-code", action="store_true")
@@ -74,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="config, per-module bits and groups, size on disk")
     p.add_argument("checkpoint")
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("bench", help="batch-1 decode and prefill speed of a checkpoint or float model")
+    _add_common_model(p)
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prefill-tokens", type=int, default=512)
+    p.add_argument("--runs", type=int, default=5, help="decode runs; the median is reported (default 5)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
@@ -86,6 +97,7 @@ def cmd_quantize(a) -> int:
     config = QuantizeConfig(
         bits=a.bits, group_size=a.group_size, desc_act=a.desc_act, sym=not a.asym, static_groups=a.static_groups,
         true_sequential=not a.no_true_sequential, damp_percent=a.damp, mse=a.mse, checkpoint_format=a.format,
+        gptaq=a.gptaq, gptaq_alpha=a.gptaq_alpha,
         method="rtn" if a.rtn else "gptq",
     )
 
@@ -152,7 +164,34 @@ def cmd_inspect(a) -> int:
     return 0
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "inspect": cmd_inspect}
+def cmd_bench(a) -> int:
+    import torch
+
+    from .api import load_any
+    from .evaluate import decode_speed
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    model, _ = load_any(a.model, a.dtype, a.allow_pickle, a.trust_remote_code, a.backend)
+    res = decode_speed(model, a.prompt_tokens, a.new_tokens, a.prefill_tokens, a.runs)
+    backends = sorted({m.backend for m in model.modules() if hasattr(m, "backend") and hasattr(m, "qweight")})
+    dtype = str(next(p for p in model.parameters() if p.is_floating_point()).dtype).removeprefix("torch.")
+    if a.json:
+        print(json.dumps({**res.to_dict(), "model": str(a.model), "dtype": dtype, "backends": backends,
+                          "threads": torch.get_num_threads()}))
+    else:
+        print(f"{a.model}: activations {dtype}, backends {', '.join(backends) or 'none (float model)'}, "
+              f"{torch.get_num_threads()} threads")
+        print(f"decode  {res.decode_tok_s:8.1f} tokens/s  (prompt {res.prompt_tokens}, {res.new_tokens} new, "
+              f"median of {res.runs})")
+        print(f"prefill {res.prefill_tok_s:8.1f} tokens/s  ({res.prefill_tokens}-token prompt)")
+        print(f"weights read per token {res.weight_bytes / 1e6:.1f} MB -> {res.weight_gb_s:.2f} GB/s; "
+              f"RSS {res.rss_mb:.0f} MB")
+    return 0
+
+
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "inspect": cmd_inspect,
+            "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,9 @@ class QuantizeConfig:
     true_sequential: bool = True
     damp_percent: float = 0.01
     mse: bool = False
+    # GPTAQ asymmetric calibration (GPTQModel calls it "v2"): aim each layer at the float model's outputs.
+    gptaq: bool = False
+    gptaq_alpha: float = 0.25
     checkpoint_format: str = "gptq"
     lm_head: bool = False
     method: str = "gptq"  # "rtn": round-to-nearest, same checkpoint format
@@ -49,6 +52,8 @@ class QuantizeConfig:
             )
         if self.method not in METHODS:
             raise OptqError(f"method={self.method!r} is unknown: use one of {', '.join(METHODS)}")
+        if not (0 <= self.gptaq_alpha <= 1):
+            raise OptqError(f"gptaq_alpha={self.gptaq_alpha} is out of range: use a value in [0, 1] (default 0.25)")
         if self.static_groups and self.group_size == -1:
             raise OptqError("static_groups needs a group size: set group_size or drop static_groups")
         for key, override in self.dynamic.items():
@@ -94,6 +99,8 @@ class QuantizeConfig:
             "mse": MSE_NORM if self.mse else 0.0,
         }
         d["meta"] = dict(meta or {})
+        if self.gptaq:  # how the weights were found, not how to read them: kept out of the standard fields
+            d["meta"]["gptaq_alpha"] = self.gptaq_alpha
         return d
 
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass
 
@@ -75,3 +76,83 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         )
     return tokenizer.decode(out[0, enc.input_ids.shape[1] :], skip_special_tokens=True)
+
+
+# ---- speed ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SpeedResult:
+    decode_tok_s: float  # batch-1 greedy decode; the time includes the prompt
+    prefill_tok_s: float
+    weight_bytes: int  # weight bytes one decode step reads
+    weight_gb_s: float  # weight_bytes x decode tokens/s
+    rss_mb: float  # process resident memory after loading and one generation
+    prompt_tokens: int
+    new_tokens: int
+    prefill_tokens: int
+    runs: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights one decode step reads: every linear layer (lm_head included; a tied embedding is read
+    through it), not the embedding lookup, which reads one row."""
+    from torch import nn
+
+    from .runtime.quant_linear import QuantLinear
+
+    total = 0
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            total += m.weight.numel() * m.weight.element_size()
+        elif isinstance(m, QuantLinear):
+            total += m.bytes_per_call()
+    return total
+
+
+def rss_mb() -> float:
+    """Resident memory of this process (Linux), MB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _median_seconds(fn, runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def decode_speed(model, prompt_tokens: int = 32, new_tokens: int = 128, prefill_tokens: int = 512,
+                 runs: int = 5, seed: int = 0) -> SpeedResult:
+    """Batch-1 greedy decode tokens/s (EOS ignored, median of `runs`, after one warm-up) and prefill tokens/s
+    (one `prefill_tokens` prompt, median of 3) on random token ids (speed does not depend on the text)."""
+    if runs < 1 or new_tokens < 1 or prompt_tokens < 1 or prefill_tokens < 1:
+        raise OptqError("runs, new_tokens, prompt_tokens and prefill_tokens must be >= 1")
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    device = next(model.parameters()).device
+    prompt = torch.randint(0, vocab, (1, prompt_tokens), generator=g).to(device)
+    long_prompt = torch.randint(0, vocab, (1, prefill_tokens), generator=g).to(device)
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        model.generate(prompt, **kw)  # warm-up: first-call costs are not decode speed
+        rss = rss_mb()
+        decode = _median_seconds(lambda: model.generate(prompt, **kw), runs)
+        model(long_prompt, use_cache=True, logits_to_keep=1)
+        prefill = _median_seconds(lambda: model(long_prompt, use_cache=True, logits_to_keep=1), 3)
+    weight_bytes = weight_bytes_per_token(model)
+    tok_s = new_tokens / decode
+    return SpeedResult(tok_s, prefill_tokens / prefill, weight_bytes, weight_bytes * tok_s / 1e9, rss,
+                       prompt_tokens, new_tokens, prefill_tokens, runs)

@@ -163,29 +163,32 @@ class _GroupCollector:
     """Forward pre-hooks that accumulate Hessians for a group of modules; modules reading the same input
     tensor share one accumulator. The forward pass stops once every module of the group has been reached."""
 
-    def __init__(self, modules: dict[str, nn.Module], device):
+    def __init__(self, modules: dict[str, nn.Module], device, asymmetric: bool = False):
         self.modules = modules
         self.device = device
+        self.asymmetric = asymmetric
         self.acc: dict[str, HessianAccumulator] = {}
         self._seen: set[str] = set()
         self._inputs: list[tuple[torch.Tensor, HessianAccumulator]] = []
+        self._reference: dict[str, torch.Tensor] = {}
         self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
 
     def _hook(self, name):
         def hook(module, args):
             x = args[0]
+            x_ref = self._reference.get(name) if self.asymmetric else None
             shared = next((a for t, a in self._inputs if t is x), None)
             if name not in self.acc:
                 if shared is None:
-                    self.acc[name] = HessianAccumulator(x.shape[-1], device=self.device)
-                    self.acc[name].add(x)
+                    self.acc[name] = HessianAccumulator(x.shape[-1], device=self.device, asymmetric=self.asymmetric)
+                    self.acc[name].add(x, x_ref=x_ref)
                     self._inputs.append((x, self.acc[name]))
                 else:
                     self.acc[name] = shared
             elif shared is not self.acc[name]:
                 if any(a is self.acc[name] for _, a in self._inputs):
                     raise RuntimeError(f"module {name} shares a Hessian with a module that read other inputs")
-                self.acc[name].add(x)
+                self.acc[name].add(x, x_ref=x_ref)
                 self._inputs.append((x, self.acc[name]))
             self._seen.add(name)
             if len(self._seen) == len(self.modules):
@@ -193,9 +196,14 @@ class _GroupCollector:
 
         return hook
 
-    def run(self, layer: nn.Module, inputs: list) -> None:
+    def run(self, layer: nn.Module, inputs: list, reference_layer: nn.Module | None = None,
+            reference_inputs: list | None = None) -> None:
+        """Accumulate over `inputs`; when asymmetric, `reference_layer` (the float layer) run on
+        `reference_inputs` (the float model's hidden states) gives each module's reference inputs."""
         with torch.no_grad():
-            for hidden, args, kwargs in inputs:
+            for j, (hidden, args, kwargs) in enumerate(inputs):
+                if self.asymmetric:
+                    self._reference = _module_inputs(reference_layer, list(self.modules), reference_inputs[j])
                 self._seen.clear()
                 self._inputs.clear()
                 try:
@@ -203,10 +211,35 @@ class _GroupCollector:
                 except _StopForward:
                     pass
         self._inputs.clear()
+        self._reference = {}
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
+
+
+def _module_inputs(layer: nn.Module, names: list[str], entry) -> dict[str, torch.Tensor]:
+    """The input tensor of each named module of `layer` for one window (the forward stops once all are seen)."""
+    found: dict[str, torch.Tensor] = {}
+
+    def make_hook(name):
+        def hook(module, args):
+            found[name] = args[0]
+            if len(found) == len(names):
+                raise _StopForward
+
+        return hook
+
+    handles = [get_submodule(layer, n).register_forward_pre_hook(make_hook(n)) for n in names]
+    hidden, args, kwargs = entry
+    try:
+        layer(hidden, *args, **kwargs)
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return found
 
 
 # ---- the driver ------------------------------------------------------------------------------------------
@@ -239,13 +272,15 @@ def _module_plan(layer: nn.Module, prefix: str, spec_groups, config: QuantizeCon
     return plan, skipped
 
 
-def _solve_one(w: torch.Tensor, h: torch.Tensor | None, mcfg: QuantizeConfig) -> tuple[QuantizedWeight, float, float]:
+def _solve_one(
+    w: torch.Tensor, h: torch.Tensor | None, mcfg: QuantizeConfig, cross_term: torch.Tensor | None = None
+) -> tuple[QuantizedWeight, float, float]:
     spec = mcfg.grid()
     if mcfg.method == "rtn":
         return rtn_quantize(w, spec, mcfg.group_size), 0.0, 0.0
     res = gptq_solve(
         w, h, spec, group_size=mcfg.group_size, desc_act=mcfg.desc_act, static_groups=mcfg.static_groups,
-        damp_percent=mcfg.damp_percent,
+        damp_percent=mcfg.damp_percent, cross_term=cross_term if mcfg.gptaq else None, gptaq_alpha=mcfg.gptaq_alpha,
     )
     return res.weight, res.loss, res.damp_percent
 
@@ -277,6 +312,9 @@ def quantize_model(
     inputs = capture_layer_inputs(model, layers, windows, device) if needs_data else None
     if inputs is not None:
         inputs = [_to(entry, device, compute_dtype) for entry in inputs]
+    # GPTAQ follows the float model's hidden states alongside the quantized model's.
+    asymmetric = needs_data and config.gptaq
+    float_hidden = [hidden for hidden, _, _ in inputs] if asymmetric else None
 
     rows: list[ModuleLog] = []
     packed: dict[str, dict[str, torch.Tensor]] = {}
@@ -287,17 +325,22 @@ def quantize_model(
         work = layer if compute_dtype == model_dtype else copy.deepcopy(layer).to(compute_dtype)
         plan, skipped = _module_plan(layer, f"{layers_path}.{index}", spec.groups, config, rows, index)
         left_float.update(skipped)
+        float_layer = copy.deepcopy(work) if asymmetric else None
+        float_inputs = [(hd, a, k) for hd, (_, a, k) in zip(float_hidden, inputs)] if asymmetric else None
         for members in plan:
             hessians = {}
+            cross_terms = {}
             tokens = {}
             if needs_data:
-                collector = _GroupCollector({loc: get_submodule(work, loc) for loc, _, _ in members}, device)
+                collector = _GroupCollector({loc: get_submodule(work, loc) for loc, _, _ in members}, device,
+                                            asymmetric=asymmetric)
                 try:
-                    collector.run(work, inputs)
+                    collector.run(work, inputs, float_layer, float_inputs)
                 finally:
                     collector.remove()
                 for loc, _, _ in members:
                     hessians[loc] = collector.acc[loc].hessian()
+                    cross_terms[loc] = collector.acc[loc].cross_term()
                     tokens[loc] = collector.acc[loc].tokens
             for loc, full, mcfg in members:
                 t0 = time.perf_counter()
@@ -305,7 +348,7 @@ def quantize_model(
                 w = linear_weight(module).float()
                 if not torch.isfinite(w).all():
                     raise OptqError(f"layer {index} module {full}: the weight holds NaN or Inf")
-                qw, loss, damp = _solve_one(w, hessians.get(loc), mcfg)
+                qw, loss, damp = _solve_one(w, hessians.get(loc), mcfg, cross_terms.get(loc))
                 deq = qw.dequantize()
                 set_linear_weight(module, deq)
                 if work is not layer:
@@ -326,6 +369,10 @@ def quantize_model(
                         raise OptqError(f"layer {index}: its outputs hold NaN or Inf on the calibration data")
                     outputs.append(out)
             inputs = [(o, args, kw) for o, (_, args, kw) in zip(outputs, inputs)]
+            if asymmetric:
+                with torch.no_grad():
+                    float_hidden = [_layer_output(float_layer(hd, *a, **k)) for hd, a, k in float_inputs]
+                del float_layer, float_inputs
         if device.type != "cpu":
             layers[index] = layer.to("cpu")
         del work

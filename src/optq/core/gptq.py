@@ -31,27 +31,50 @@ class NotPositiveDefiniteError(RuntimeError):
 
 
 class HessianAccumulator:
-    """Running sum of X^T X in float32 over calibration tokens; H = 2 X^T X / n (the GPTQ Hessian)."""
+    """Running sum of X^T X in float32 over calibration tokens; H = 2 X^T X / n (the GPTQ Hessian).
 
-    def __init__(self, columns: int, device: torch.device | str = "cpu"):
+    With `asymmetric=True` it also sums (X_ref - X)^T X, where X_ref are the same module's inputs in the
+    float model: the cross term of GPTAQ's asymmetric calibration (see `gptq_solve`)."""
+
+    def __init__(self, columns: int, device: torch.device | str = "cpu", asymmetric: bool = False):
         self.xtx = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.dxtx = torch.zeros_like(self.xtx) if asymmetric else None
         self.tokens = 0
 
-    def add(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> None:
-        """x: [..., columns] layer inputs; token_mask: bool [...] (False for padding tokens, which are skipped)."""
+    def add(self, x: torch.Tensor, token_mask: torch.Tensor | None = None, x_ref: torch.Tensor | None = None) -> None:
+        """x: [..., columns] layer inputs; token_mask: bool [...] (False for padding tokens, which are skipped);
+        x_ref: the float model's inputs for the same tokens (needed when asymmetric)."""
+        if (x_ref is None) != (self.dxtx is None):
+            raise ValueError("x_ref must be given exactly when the accumulator is asymmetric")
         x = x.reshape(-1, x.shape[-1])
+        if x_ref is not None:
+            x_ref = x_ref.reshape(-1, x_ref.shape[-1])
+            if x_ref.shape != x.shape:
+                raise ValueError(f"x_ref has shape {tuple(x_ref.shape)}, x has {tuple(x.shape)}")
         if token_mask is not None:
-            x = x[token_mask.reshape(-1).to(x.device)]
+            keep = token_mask.reshape(-1).to(x.device)
+            x = x[keep]
+            x_ref = x_ref[keep] if x_ref is not None else None
         if x.shape[0] == 0:
             return
         x = x.to(torch.float32)
         self.xtx.addmm_(x.T, x)
+        if x_ref is not None:
+            self.dxtx.addmm_((x_ref.to(torch.float32) - x).T, x)
         self.tokens += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
         if self.tokens == 0:
             raise ValueError("no calibration tokens reached this module")
         return self.xtx * (2.0 / self.tokens)
+
+    def cross_term(self) -> torch.Tensor | None:
+        """2 (X_ref - X)^T X / n, on the Hessian's scale; None unless asymmetric."""
+        if self.dxtx is None:
+            return None
+        if self.tokens == 0:
+            raise ValueError("no calibration tokens reached this module")
+        return self.dxtx * (2.0 / self.tokens)
 
 
 @dataclass
@@ -95,8 +118,17 @@ def gptq_solve(
     static_groups: bool = False,
     damp_percent: float = 0.01,
     block_size: int = BLOCK_SIZE,
+    cross_term: torch.Tensor | None = None,
+    gptaq_alpha: float = 0.25,
 ) -> SolveResult:
-    """Quantize w [out, in] given the Hessian h [in, in] of its inputs."""
+    """Quantize w [out, in] given the Hessian h [in, in] of its inputs.
+
+    With `cross_term` D = 2 (X_ref - X)^T X / n (X_ref: the float model's inputs of this module, X: the
+    partly quantized model's) the solver follows GPTAQ (Li et al., ICML 2025, "asymmetric calibration"):
+    it aims the quantized layer at the float model's output W X_ref instead of W X, which also undoes error
+    carried in from earlier layers. Every column update gains a term w_i P[i, i:] with
+    P = alpha * triu(D U^T, 1) U (U the upper Cholesky factor of H^-1); alpha damps the cross term, which is
+    estimated from the same few samples as H."""
     if damp_percent < 0:
         raise ValueError("damp_percent must be >= 0")
     if group_size != -1 and group_size <= 0:
@@ -109,6 +141,9 @@ def gptq_solve(
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
+    if cross_term is not None:
+        cross_term = cross_term.detach().to(torch.float32).clone()
+        cross_term[:, dead] = 0
 
     # Group parameters fixed before any update: per-channel always, per-group with static_groups.
     fixed_params = None
@@ -122,9 +157,16 @@ def gptq_solve(
         perm = torch.argsort(torch.diag(h), descending=True, stable=True)
         w = w[:, perm]
         h = h[perm][:, perm]
+        if cross_term is not None:
+            cross_term = cross_term[perm][:, perm]
 
     hinv, damp_used = _inverse_cholesky(h, damp_percent)
     del h
+    # GPTAQ's correction; strictly upper triangular, so a column's own update is unchanged.
+    p = None
+    if cross_term is not None:
+        p = gptaq_alpha * torch.triu(cross_term @ hinv.T, diagonal=1) @ hinv
+        del cross_term
 
     q_all = torch.zeros_like(w)
     losses = torch.zeros(rows, dtype=torch.float64, device=w.device)
@@ -150,7 +192,9 @@ def gptq_solve(
         w1 = w[:, i1:i2].clone()
         q1 = torch.zeros_like(w1)
         err1 = torch.zeros_like(w1)
+        pre1 = torch.zeros_like(w1) if p is not None else None  # columns as they stood when quantized
         hinv1 = hinv[i1:i2, i1:i2]
+        p1 = p[i1:i2, i1:i2] if p is not None else None
         for i in range(count):
             col = i1 + i
             if fixed_params is not None:
@@ -166,10 +210,18 @@ def gptq_solve(
             q1[:, i] = qc
             losses += ((wc - deq) ** 2 / d**2 / 2).double()
             e = (wc - deq) / d
-            w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            update = e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            if p1 is not None:
+                update -= wc.unsqueeze(1) * p1[i, i:].unsqueeze(0)
+                pre1[:, i] = wc
+            w1[:, i:] -= update
             err1[:, i] = e
         q_all[:, i1:i2] = q1
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+        if p is not None:
+            # The same column values as the in-block updates used, so lazy blocks equal column-by-column updates
+            # (the GPTAQ reference uses the quantized values here; the two differ by (w - q) P, second order).
+            w[:, i2:] += pre1 @ p[i1:i2, i2:]
 
     if perm is not None:
         inv = torch.argsort(perm)

@@ -29,13 +29,23 @@ TOKENIZER_FILES = (
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def native_bf16() -> bool:
+    """Whether this CPU computes in bfloat16 natively (AVX-512 BF16 or AMX)."""
+    caps = torch.cpu.get_capabilities()
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+
+
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """A dtype name; "auto" = the activation dtype that runs fastest here (bfloat16 where the CPU has native
+    bfloat16, float32 otherwise)."""
     if isinstance(name, torch.dtype):
         return name
+    if name == "auto":
+        return torch.bfloat16 if native_bf16() else torch.float32
     try:
         return DTYPES[name]
     except KeyError:
-        raise OptqError(f"dtype {name!r} is unknown: use one of {', '.join(DTYPES)}") from None
+        raise OptqError(f"dtype {name!r} is unknown: use one of auto, {', '.join(DTYPES)}") from None
 
 
 def smollm2_gguf_path() -> Path:

@@ -79,15 +79,17 @@ def _check_quant_tensor(name: str, leaf: str, t: torch.Tensor, ql: QuantLinear) 
 
 def load(
     path: str | os.PathLike,
-    dtype: str | torch.dtype = "float32",
+    dtype: str | torch.dtype = "auto",
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
     backend: str = "auto",
 ) -> nn.Module:
-    """Load a GPTQ checkpoint folder; activations and unquantized weights in `dtype`.
+    """Load a GPTQ checkpoint folder; activations and unquantized weights in `dtype` ("auto": bfloat16 where
+    the CPU has native bf16, else float32).
 
-    backend: "auto" (the fastest that can run each module), "reference" (dequantize + matmul) or "int4"
-    (PyTorch's CPU int4 kernel; an error for modules it cannot run)."""
+    backend: "auto" (the fastest that can run each module), "reference" (dequantize + matmul), "int4"
+    (PyTorch's CPU int4 kernel, 2/3/4-bit) or "int8" (PyTorch's CPU int8 kernel, 8-bit); a forced kernel is
+    an error for modules it cannot run."""
     path = Path(path)
     torch_dtype = parse_dtype(dtype)
     info = open_checkpoint(path)
@@ -133,7 +135,7 @@ def load(
     model.to(device)
     for name, ql in qmods.items():
         try:
-            ql.prepare(backend, torch_dtype)
+            ql.prepare(backend, torch_dtype, release_packed=True)
         except ValueError as e:
             raise OptqError(f"{name}: {e}") from None
     return model

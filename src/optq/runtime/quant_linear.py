@@ -3,7 +3,10 @@
 Backends (chosen once, at load time, by `prepare`):
 - "reference": dequantize the weight on each call and run a dense matmul in the activation dtype. Handles every
   bits / group size / act-order combination the format can express.
-- "int4": 4-bit weights repacked once for PyTorch's CPU int4 matmul (`_weight_int4pack_mm_for_cpu`).
+- "int4": 2/3/4-bit codes repacked once for PyTorch's CPU int4 matmul (`_weight_int4pack_mm_for_cpu`).
+- "int8": 8-bit codes as int8 for PyTorch's `_weight_int8pack_mm`, one call per group.
+Once a kernel is built the checkpoint-layout tensors can be released (`optq.load` does), so a loaded model
+holds each weight once.
 """
 
 from __future__ import annotations
@@ -14,11 +17,12 @@ from torch import nn
 
 from ..core.packing import unpack, unpack_cols
 
-BACKENDS = ("auto", "reference", "int4")
-# Above this many rows (tokens) a dense matmul on the dequantized weight beats the int4 kernel, which is built
-# for decoding: measured at 2048 rows, int4 took ~3.5x the time of dequantize + bf16 matmul.
-INT4_MAX_ROWS = 32
-_INT4_KERNEL_GROUPS = (256, 128, 64, 32)  # group sizes the int4 CPU kernel takes
+BACKENDS = ("auto", "reference", "int4", "int8")
+# Above this many rows (tokens) the int8 path dequantizes its int8 weight and runs one dense matmul, which
+# beats the per-group int8 kernel calls there (K=2048, N=8192, bf16: 512 rows 44 ms against 127 ms; 4 rows
+# 1.4 ms against 24 ms). The int4 kernel serves every length: at 512 rows it takes 52 ms, a dense bf16 matmul
+# 23 ms, but no dense weight exists to run one without unpacking (150 ms).
+INT8_MAX_ROWS = 64
 
 
 class QuantLinear(nn.Module):
@@ -47,7 +51,8 @@ class QuantLinear(nn.Module):
         else:
             self.bias = None
         self.backend = "reference"
-        self._int4 = None  # (packed weight, kernel group size, scale-and-zero [K/gk, N, 2], input permutation)
+        self._kernel: Int4Kernel | Int8Kernel | None = None
+        self.released = False
 
     def zero_points(self) -> torch.Tensor:
         """True zero points [G, out] (v1 checkpoints store zero - 1)."""
@@ -56,6 +61,8 @@ class QuantLinear(nn.Module):
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """w[o, i] = scales[g_idx[i], o] * (q[i, o] - z[g_idx[i], o]) as a dense [out, in] tensor."""
+        if self.released:
+            raise ValueError("this module's packed tensors were released after its kernel was built")
         q = unpack(self.qweight, self.bits, self.in_features)  # [in, out]
         g = self.g_idx.long()
         z = self.zero_points()[g]  # [in, out]
@@ -64,58 +71,46 @@ class QuantLinear(nn.Module):
 
     # ---- backends ----------------------------------------------------------------------------------------
 
-    def prepare(self, backend: str = "auto", dtype: torch.dtype = torch.float32) -> str:
-        """Choose and build the backend for activations of `dtype`; returns the backend used."""
+    def prepare(self, backend: str = "auto", dtype: torch.dtype = torch.float32, release_packed: bool = False) -> str:
+        """Choose and build the backend for activations of `dtype`; returns the backend used. With
+        `release_packed`, a module that got a kernel drops its checkpoint-layout tensors (it cannot be
+        prepared again or dequantized afterwards)."""
         if backend not in BACKENDS:
             raise ValueError(f"backend {backend!r} is unknown: use one of {BACKENDS}")
-        self.backend, self._int4 = "reference", None
-        if backend in ("auto", "int4") and self.bits == 4 and self.qweight.device.type == "cpu":
-            self._int4 = self._build_int4(dtype)
-            if self._int4 is not None:
-                self.backend = "int4"
-        if backend == "int4" and self.backend != "int4":
-            raise ValueError(f"the int4 backend cannot run this module ({self.extra_repr()})")
+        if self.released:
+            raise ValueError("this module's packed tensors were released after its kernel was built")
+        self.backend, self._kernel = "reference", None
+        on_cpu = self.qweight.device.type == "cpu"
+        if backend in ("auto", "int4") and self.bits in Int4Kernel.BITS and on_cpu:
+            self._kernel = Int4Kernel.build(self, dtype)
+        elif backend in ("auto", "int8") and self.bits == 8 and on_cpu:
+            self._kernel = Int8Kernel.build(self, dtype)
+        if self._kernel is not None:
+            self.backend = self._kernel.name
+        if backend not in ("auto", "reference") and self.backend != backend:
+            raise ValueError(f"the {backend} backend cannot run this module ({self.extra_repr()})")
+        if release_packed and self._kernel is not None:
+            for name in ("qweight", "qzeros", "scales", "g_idx"):
+                self._buffers[name] = torch.empty(0, dtype=self._buffers[name].dtype)
+            self.released = True
         return self.backend
 
-    def _build_int4(self, dtype: torch.dtype):
-        """Repack for the int4 kernel, which computes w = (q - 8) * scale + offset per group of gk inputs.
-
-        GPTQ's w = s * (q - z) = s * (q - 8) + s * (8 - z): the same codes q, scale s, offset s * (8 - z),
-        exact up to the rounding of s * (8 - z) to the activation dtype. Act-order inputs are sorted by g_idx
-        once here, so each group is a contiguous run, and activations are gathered in that order at run time.
-        The kernel group gk is the largest supported size whose blocks each fall in one GPTQ group: g128 with a
-        last partial group of 64 (K = 576) runs as gk = 64, every block keeping its group's scale.
-        """
-        k = self.in_features
-        g_idx = self.g_idx.long()
-        perm = None
-        if bool((g_idx[1:] < g_idx[:-1]).any()):
-            perm = torch.argsort(g_idx, stable=True)
-            g_idx = g_idx[perm]
-        gk = next((g for g in _INT4_KERNEL_GROUPS if k % g == 0 and
-                   bool((g_idx.view(-1, g) == g_idx.view(-1, g)[:, :1]).all())), None)
-        if gk is None:
-            return None
-        q = unpack(self.qweight, 4, k)  # [K, N]
-        if perm is not None:
-            q = q[perm]
-        block_group = g_idx[::gk]  # GPTQ group of each kernel block
-        s = self.scales.float()[block_group]  # [K/gk, N]
-        z = self.zero_points().float()[block_group]
-        scale_offset = torch.stack([s, s * (8 - z)], dim=-1).to(dtype).contiguous()
-        packed = torch._convert_weight_to_int4pack_for_cpu(q.T.contiguous(), 2)
-        return packed, gk, scale_offset, perm
+    def bytes_per_call(self) -> int:
+        """Bytes of weight data one decode-sized call reads."""
+        if self._kernel is not None:
+            return self._kernel.nbytes()
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.qzeros, self.scales, self.g_idx))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.bias.to(x.dtype) if self.bias is not None else None
-        if self._int4 is not None and x.numel() <= INT4_MAX_ROWS * self.in_features:
-            packed, gk, scale_offset, perm = self._int4
+        kernel = self._kernel
+        if kernel is not None:
             x2 = x.reshape(-1, self.in_features)
-            if perm is not None:
-                x2 = x2[:, perm]
-            if x2.dtype != scale_offset.dtype:
-                x2 = x2.to(scale_offset.dtype)
-            y = torch._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, gk, scale_offset).to(x.dtype)
+            if kernel.perm is not None:
+                x2 = x2[:, kernel.perm]
+            if x2.dtype != kernel.dtype:
+                x2 = x2.to(kernel.dtype)
+            y = kernel(x2.contiguous()).to(x.dtype)
             if b is not None:
                 y = y + b
             return y.reshape(*x.shape[:-1], self.out_features)
@@ -128,3 +123,125 @@ class QuantLinear(nn.Module):
             f"group_size={self.group_size}, bias={self.bias is not None}, format={self.checkpoint_format}, "
             f"backend={self.backend}"
         )
+
+
+def _sorted_groups(ql: QuantLinear) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(input permutation or None, g_idx in that order): act-order inputs sorted so each group is one run."""
+    g_idx = ql.g_idx.long()
+    if bool((g_idx[1:] < g_idx[:-1]).any()):
+        perm = torch.argsort(g_idx, stable=True)
+        return perm, g_idx[perm]
+    return None, g_idx
+
+
+class Int4Kernel:
+    """PyTorch's CPU int4 matmul, which computes w = (q - 8) * scale + offset per block of gk inputs.
+
+    GPTQ's w = s * (q - z) = s * (q - 8) + s * (8 - z): the same codes q, scale s, offset s * (8 - z), exact
+    up to the rounding of s * (8 - z) to the activation dtype. That rounding cancels badly in bf16 (2-bit:
+    an offset 6s against codes near -8s), so each kernel block's codes are stored shifted by t, as q + t with
+    w = s * (q + t - 8) + s * (8 - z - t), taking t as close to 8 - z as keeps q + t in [0, 15]: the offset
+    is exactly zero for 2/3-bit codes and symmetric 4-bit ones, and small where a 4-bit block uses few codes.
+    Act-order inputs are sorted by g_idx once, so each group is a contiguous
+    run, and activations are gathered in that order at run time. The kernel block gk is the largest supported
+    size whose blocks each fall in one GPTQ group: g128 with a last partial group of 64 (K = 576) runs as
+    gk = 64, every block keeping its group's scale.
+    """
+
+    name = "int4"
+    BITS = (2, 3, 4)
+    KERNEL_GROUPS = (256, 128, 64, 32)
+
+    def __init__(self, packed, gk, scale_offset, perm):
+        self.packed, self.gk, self.scale_offset, self.perm = packed, gk, scale_offset, perm
+        self.dtype = scale_offset.dtype
+
+    @classmethod
+    def build(cls, ql: QuantLinear, dtype: torch.dtype) -> Int4Kernel | None:
+        k = ql.in_features
+        perm, g_idx = _sorted_groups(ql)
+        gk = next((g for g in cls.KERNEL_GROUPS if k % g == 0 and
+                   bool((g_idx.view(-1, g) == g_idx.view(-1, g)[:, :1]).all())), None)
+        if gk is None:
+            return None
+        q = unpack(ql.qweight, ql.bits, k)  # [K, N]
+        if perm is not None:
+            q = q[perm]
+        block_group = g_idx[::gk]  # GPTQ group of each kernel block
+        s = ql.scales.float()[block_group]  # [K/gk, N]
+        z = ql.zero_points()[block_group]
+        blocks = q.view(k // gk, gk, -1)
+        shift = torch.minimum(torch.maximum(8 - z, -blocks.amin(dim=1)), 15 - blocks.amax(dim=1))
+        q = (blocks + shift.unsqueeze(1)).view(k, -1)
+        scale_offset = torch.stack([s, s * (8 - z - shift).float()], dim=-1).to(dtype).contiguous()
+        packed = torch._convert_weight_to_int4pack_for_cpu(q.T.contiguous(), 2)
+        return cls(packed, gk, scale_offset, perm)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scale_offset))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int4pack_mm_for_cpu(x, self.packed, self.gk, self.scale_offset)
+
+
+class Int8Kernel:
+    """PyTorch's CPU int8 matmul (y = x @ w^T * scale, one scale per output) applied group by group.
+
+    GPTQ's w = s * (q - z) = s * (q - 128) + s * (128 - z): q - 128 fits int8 exactly, so a group's part of
+    the output is int8mm(x_g, q_g - 128, s_g) + sum(x_g) * s_g * (128 - z_g); the second term vanishes for
+    symmetric checkpoints (z = 128). Per-channel checkpoints are one group, one call. The kernel reads past
+    the end of rows whose length is not a multiple of 16 (torch 2.13: NaN or a crash), so such a group's
+    weight gets zero columns up to the next multiple and its activations are zero-padded to match.
+    """
+
+    name = "int8"
+    max_rows = INT8_MAX_ROWS
+
+    def __init__(self, runs, weights, scales, offsets, perm, dtype):
+        self.runs, self.weights, self.scales, self.offsets = runs, weights, scales, offsets
+        self.perm, self.dtype = perm, dtype
+
+    @classmethod
+    def build(cls, ql: QuantLinear, dtype: torch.dtype) -> Int8Kernel | None:
+        perm, g_idx = _sorted_groups(ql)
+        q = unpack(ql.qweight, 8, ql.in_features)  # [K, N]
+        if perm is not None:
+            q = q[perm]
+        w = (q - 128).to(torch.int8).T.contiguous()  # [N, K]
+        starts = [0] + (torch.nonzero(g_idx[1:] != g_idx[:-1]).flatten() + 1).tolist() + [ql.in_features]
+        z = ql.zero_points().float()
+        runs, weights, scales, offsets = [], [], [], []
+        for a, b in zip(starts[:-1], starts[1:]):
+            g = int(g_idx[a])
+            s = ql.scales[g].float()
+            off = s * (128 - z[g])
+            runs.append((a, b))
+            weights.append(F.pad(w[:, a:b], (0, -(b - a) % 16)).contiguous())
+            scales.append(s.to(dtype).contiguous())
+            offsets.append(off.to(dtype) if bool(off.any()) else None)
+        return cls(runs, weights, scales, offsets, perm, dtype)
+
+    def nbytes(self) -> int:
+        tensors = self.weights + self.scales + [o for o in self.offsets if o is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def dense(self) -> torch.Tensor:
+        """The dequantized weight [N, K] in the kernel's input order and dtype."""
+        parts = []
+        for (a, b), w, s, off in zip(self.runs, self.weights, self.scales, self.offsets):
+            part = w[:, : b - a].to(self.dtype) * s.unsqueeze(1)
+            parts.append(part if off is None else part + off.unsqueeze(1))
+        return torch.cat(parts, dim=1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > self.max_rows:
+            return F.linear(x, self.dense())
+        y = None
+        for (a, b), w, s, off in zip(self.runs, self.weights, self.scales, self.offsets):
+            xg = x[:, a:b] if len(self.runs) > 1 else x
+            padded = F.pad(xg, (0, w.shape[1] - (b - a))) if w.shape[1] != b - a else xg
+            part = torch._weight_int8pack_mm(padded.contiguous(), w, s)
+            if off is not None:
+                part = part + xg.sum(dim=-1, keepdim=True) * off
+            y = part if y is None else y.add_(part)
+        return y

@@ -1,0 +1,146 @@
+"""Seeded random-weight Llama models of real shapes, for speed benchmarks (speed does not depend on weight values).
+
+Writes, under --out (default bench-output/shapes):
+  <shape>/            Hugging Face folder (config, bf16 safetensors, SmolLM2's tokenizer)
+  <shape>.f16.gguf    the same shapes as a GGUF file with llama.cpp's tensor names and SmolLM2's tokenizer
+  <shape>.q4_0.gguf   that file quantized to Q4_0 by llama.cpp itself (llama-cpp-python's llama_model_quantize)
+Nothing here is committed: it is rebuilt from the seed.
+
+Usage: python benchmarks/make_shapes.py [--shapes llama-1b,llama-3b] [--out bench-output/shapes]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO  # noqa: E402
+
+# Llama 3.2 1B / 3B layer shapes with SmolLM2's 49152-token vocabulary (so its tokenizer serves both formats).
+SHAPES = {
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8),
+    "llama-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                     num_key_value_heads=8),
+}
+VOCAB = 49152
+
+
+def hf_config(shape: str):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=VOCAB, max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0,
+                       tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, **SHAPES[shape])
+
+
+def make_hf(shape: str, folder: Path, seed: int) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from optq.models.loading import load_tokenizer, smollm2_gguf_path
+
+    torch.manual_seed(seed)
+    cfg = hf_config(shape)
+    with torch.device("cpu"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    # Weights of a trained model's scale (std 0.02), so activations stay finite through all layers.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.02)
+    model.save_pretrained(folder, max_shard_size="4GB")
+    load_tokenizer(smollm2_gguf_path(), is_gguf=True).save_pretrained(folder)
+
+
+def make_gguf(shape: str, path: Path, seed: int) -> None:
+    """Random F16 tensors with llama.cpp's names and shapes; metadata (tokenizer included) from SmolLM2's GGUF."""
+    import gguf
+
+    from optq.models.loading import smollm2_gguf_path
+
+    src = gguf.GGUFReader(str(smollm2_gguf_path()))
+    cfg = hf_config(shape)
+    w = gguf.GGUFWriter(str(path), "llama")
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_rope_dimension_count(head_dim)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    for field in src.fields.values():
+        if not field.name.startswith("tokenizer."):
+            continue
+        vtype = field.types[0]
+        if vtype == gguf.GGUFValueType.ARRAY:
+            w.add_array(field.name, field.contents())
+        else:
+            w.add_key_value(field.name, field.contents(), vtype)
+    rng = np.random.default_rng(seed)
+
+    def rand(*shape):
+        return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float16)
+
+    h, kv = cfg.hidden_size, cfg.num_key_value_heads * head_dim
+    w.add_tensor("token_embd.weight", rand(VOCAB, h))
+    w.add_tensor("output_norm.weight", np.ones(h, dtype=np.float32))
+    for i in range(cfg.num_hidden_layers):
+        for name, shape_ in (("attn_q", (h, h)), ("attn_k", (kv, h)), ("attn_v", (kv, h)), ("attn_output", (h, h)),
+                             ("ffn_gate", (cfg.intermediate_size, h)), ("ffn_up", (cfg.intermediate_size, h)),
+                             ("ffn_down", (h, cfg.intermediate_size))):
+            w.add_tensor(f"blk.{i}.{name}.weight", rand(*shape_))
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(h, dtype=np.float32))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(h, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def llama_cpp_quantize(src: Path, dst: Path, ftype: str = "Q4_0") -> None:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.nthread = 2
+    params.allow_requantize = True
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize({src} -> {dst}) failed with {rc}")
+
+
+def ensure(shape: str, out: Path, seed: int = 0) -> tuple[Path, Path]:
+    """(HF folder, Q4_0 GGUF) of `shape`, built once."""
+    folder = out / shape
+    if not (folder / "config.json").exists():
+        make_hf(shape, folder, seed)
+    q4 = out / f"{shape}.q4_0.gguf"
+    if not q4.exists():
+        f16 = out / f"{shape}.f16.gguf"
+        make_gguf(shape, f16, seed)
+        llama_cpp_quantize(f16, q4)
+        f16.unlink()
+    return folder, q4
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="llama-1b,llama-3b")
+    ap.add_argument("--out", default=str(REPO / "bench-output" / "shapes"))
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    for shape in a.shapes.split(","):
+        folder, q4 = ensure(shape, Path(a.out), a.seed)
+        print(f"{shape}: {folder} {q4}")
+
+
+if __name__ == "__main__":
+    main()
