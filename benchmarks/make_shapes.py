@@ -74,7 +74,7 @@ def make_gguf(shape: str, path: Path, seed: int) -> None:
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     for field in src.fields.values():
         if not field.name.startswith("tokenizer."):

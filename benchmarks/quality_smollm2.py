@@ -69,6 +69,8 @@ def main() -> None:
     ap.add_argument("--compute-dtype", default="bfloat16",
                     help="calibration forward dtype, for optq and GPTQModel alike")
     ap.add_argument("--desc-act", action="store_true", help="act-order for the GPTQ runs (both tools)")
+    ap.add_argument("--optq-flags", default="",
+                    help="extra `optq quantize` flags for the optq GPTQ run, e.g. '--static-groups --gptaq'")
     ap.add_argument("--gptqmodel-venv", default="/tmp/optq-gptqmodel-venv",
                     help="venv made by benchmarks/gptqmodel_env.sh; skipped if absent")
     a = ap.parse_args()
@@ -92,7 +94,7 @@ def main() -> None:
             "optq-gptq": optq_cmd("quantize", str(float_dir), "", "--bits", str(bits), "--group-size",
                                   str(a.group_size), "--dataset", cal, "--nsamples", str(a.nsamples), "--seqlen",
                                   str(a.seqlen), "--seed", "0", "--compute-dtype", a.compute_dtype, "--quiet",
-                                  *(["--desc-act"] if a.desc_act else [])),
+                                  *(["--desc-act"] if a.desc_act else []), *a.optq_flags.split()),
         }
         if gq_python.exists():
             runs["gptqmodel-gptq"] = [str(gq_python), str(Path(__file__).parent / "gptqmodel_quantize.py"),
@@ -101,6 +103,8 @@ def main() -> None:
             runs["gptqmodel-gptq"] += ["--desc-act"] if a.desc_act else []
         for name, cmd in runs.items():
             act = "-act" if (a.desc_act and name != "rtn") else ""
+            if name == "optq-gptq":
+                act += "".join("-" + f.lstrip("-") for f in a.optq_flags.split())
             out = work / f"{name}-{bits}bit-g{a.group_size}{act}"
             cmd[cmd.index("")] = str(out)
             timing_file = work / f"{out.name}.timing.json"

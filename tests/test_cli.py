@@ -38,6 +38,20 @@ def test_quantize_eval_generate_inspect(tinystories_model, tinystories_text, tmp
     optq("quantize", tinystories_model, rtn, "--rtn", "--bits", 3, "--asym", "--quiet")
     assert json.loads((rtn / "config.json").read_text())["quantization_config"]["meta"]["method"] == "rtn"
 
+    # bench: the bytes it reports for the 4-bit checkpoint are the int4 kernel's packed weights (K x N / 2)
+    # plus scale-and-offset pairs, and the float lm_head, counted here from the checkpoint itself.
+    b = json.loads(optq("bench", out, "--runs", 1, "--new-tokens", 4, "--prefill-tokens", 16, "--dtype", "bfloat16",
+                        "--json").stdout.strip().splitlines()[-1])
+    assert b["backends"] == ["int4"] and b["decode_tok_s"] > 0 and b["prefill_tok_s"] > 0 and b["rss_mb"] > 0
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    packed = sum(s[0] * 8 * s[1] // 2 for k, s in shapes.items() if k.endswith(".qweight"))
+    pairs = sum(s[0] * 8 // 64 * s[1] * 2 * 2 for k, s in shapes.items() if k.endswith(".qweight"))  # gk = 64
+    vocab, hidden = shapes["model.embed_tokens.weight"]
+    assert b["weight_bytes"] == packed + pairs + vocab * hidden * 2
+
 
 @pytest.mark.parametrize(
     "args,message",

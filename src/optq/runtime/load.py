@@ -138,4 +138,16 @@ def load(
             ql.prepare(backend, torch_dtype, release_packed=True)
         except ValueError as e:
             raise OptqError(f"{name}: {e}") from None
+    _return_freed_memory()
     return model
+
+
+def _return_freed_memory() -> None:
+    """Give the unpacking temporaries and released checkpoint tensors back to the OS: glibc keeps freed heap
+    memory mapped, which showed as ~0.7 GB of extra RSS on a 1B-parameter 4-bit model."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to do
