@@ -50,8 +50,10 @@ def main() -> None:
         for method in ("rtn", "gptq"):
             path = out / f"smollm2-{method}-{bits}bit-g128"
             t0 = time.perf_counter()
-            # Act-order: on SmolLM2 (massive activations in a few channels) GPTQ without it barely beats RTN.
-            cfg = optq.QuantizeConfig(bits=bits, group_size=128, method=method, desc_act=method == "gptq")
+            # Act-order + static groups: on SmolLM2 (massive activations in a few channels) GPTQ without them
+            # barely beats RTN. (--gptaq gains more but doubles the time; see BENCHMARKS.md.)
+            gptq = method == "gptq"
+            cfg = optq.QuantizeConfig(bits=bits, group_size=128, method=method, desc_act=gptq, static_groups=gptq)
             optq.quantize("smollm2", path, cfg,
                           dataset="pydoc", nsamples=a.nsamples, seqlen=a.seqlen, compute_dtype=dtype,
                           overwrite=True, progress=False)
@@ -60,7 +62,7 @@ def main() -> None:
             from optq.inspect import inspect_checkpoint
 
             fp16_mb = inspect_checkpoint(path)["fp16_bytes"] / 1e6
-            label = f"{method.upper()} {bits}-bit g128" + (" act-order" if cfg.desc_act else "")
+            label = f"{method.upper()} {bits}-bit g128" + (" act+static" if cfg.desc_act else "")
             rows.append((label, bits, ppl(path), size, seconds))
             print(f"  {rows[-1][0]}: perplexity {rows[-1][2]:.2f}, {size:.1f} MB, {seconds:.0f}s", flush=True)
 
