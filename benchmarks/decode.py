@@ -18,29 +18,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, machine_info  # noqa: E402
 
+from optq.evaluate import median_seconds as median_time  # noqa: E402
 from optq.evaluate import rss_mb  # noqa: E402
 
 VARIANTS = ("fp32", "bf16", "optq-4bit", "optq-8bit", "llamacpp")
 OUT = REPO / "bench-output" / "decode"
 PROMPT, NEW, PREFILL = 32, 128, 512
-
-
-def median_time(fn, runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 # ---- the artefacts each variant needs --------------------------------------------------------------------

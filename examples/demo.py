@@ -13,7 +13,6 @@ import logging
 import time
 from pathlib import Path
 
-import torch
 
 import optq
 from optq.api import load_any

@@ -125,7 +125,7 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def _median_seconds(fn, runs: int) -> float:
+def median_seconds(fn, runs: int) -> float:
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
@@ -149,9 +149,9 @@ def decode_speed(model, prompt_tokens: int = 32, new_tokens: int = 128, prefill_
     with torch.inference_mode():
         model.generate(prompt, **kw)  # warm-up: first-call costs are not decode speed
         rss = rss_mb()
-        decode = _median_seconds(lambda: model.generate(prompt, **kw), runs)
+        decode = median_seconds(lambda: model.generate(prompt, **kw), runs)
         model(long_prompt, use_cache=True, logits_to_keep=1)
-        prefill = _median_seconds(lambda: model(long_prompt, use_cache=True, logits_to_keep=1), 3)
+        prefill = median_seconds(lambda: model(long_prompt, use_cache=True, logits_to_keep=1), 3)
     weight_bytes = weight_bytes_per_token(model)
     tok_s = new_tokens / decode
     return SpeedResult(tok_s, prefill_tokens / prefill, weight_bytes, weight_bytes * tok_s / 1e9, rss,
