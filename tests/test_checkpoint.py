@@ -277,3 +277,20 @@ def test_gguf_source(tmp_path):
     model, tok = load_any(out)
     text = generate(model, tok, "The capital of France is", max_new_tokens=6)
     assert text.strip()
+
+
+def test_gptaq_pipeline(tinystories_model, tinystories_text, tmp_path):
+    # Layer 0's first group reads the embeddings, where the float and the quantized model agree: GPTAQ's cross
+    # term is zero there and its codes equal plain GPTQ's. From the second group on the models differ.
+    _quantize(tinystories_model, tmp_path / "plain", tinystories_text, desc_act=True)
+    _quantize(tinystories_model, tmp_path / "asym", tinystories_text, desc_act=True, gptaq=True)
+    plain, asym = _tensors(tmp_path / "plain"), _tensors(tmp_path / "asym")
+    for m in ("q_proj", "k_proj", "v_proj"):
+        key = f"model.layers.0.self_attn.{m}.qweight"
+        assert torch.equal(plain[key], asym[key]), key
+    later = [k for k in plain if k.endswith(".qweight") and ".layers.0.self_attn." not in k]
+    assert all(not torch.equal(plain[k], asym[k]) for k in later)
+    meta = json.loads((tmp_path / "asym" / "config.json").read_text())["quantization_config"]["meta"]
+    assert meta["gptaq_alpha"] == 0.25
+    model = optq.load(tmp_path / "asym")
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3, 4]])).logits).all()
