@@ -125,13 +125,15 @@ class QuantLinear(nn.Module):
         )
 
 
-def _sorted_groups(ql: QuantLinear) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """(input permutation or None, g_idx in that order): act-order inputs sorted so each group is one run."""
+def _sorted_codes(ql: QuantLinear) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(input permutation or None, g_idx and codes [K, N] in that order): act-order inputs sorted so each
+    group is one contiguous run."""
     g_idx = ql.g_idx.long()
+    q = unpack(ql.qweight, ql.bits, ql.in_features)
     if bool((g_idx[1:] < g_idx[:-1]).any()):
         perm = torch.argsort(g_idx, stable=True)
-        return perm, g_idx[perm]
-    return None, g_idx
+        return perm, g_idx[perm], q[perm]
+    return None, g_idx, q
 
 
 class Int4Kernel:
@@ -159,14 +161,11 @@ class Int4Kernel:
     @classmethod
     def build(cls, ql: QuantLinear, dtype: torch.dtype) -> Int4Kernel | None:
         k = ql.in_features
-        perm, g_idx = _sorted_groups(ql)
+        perm, g_idx, q = _sorted_codes(ql)  # q: [K, N]
         gk = next((g for g in cls.KERNEL_GROUPS if k % g == 0 and
                    bool((g_idx.view(-1, g) == g_idx.view(-1, g)[:, :1]).all())), None)
         if gk is None:
             return None
-        q = unpack(ql.qweight, ql.bits, k)  # [K, N]
-        if perm is not None:
-            q = q[perm]
         block_group = g_idx[::gk]  # GPTQ group of each kernel block
         s = ql.scales.float()[block_group]  # [K/gk, N]
         z = ql.zero_points()[block_group]
@@ -203,10 +202,7 @@ class Int8Kernel:
 
     @classmethod
     def build(cls, ql: QuantLinear, dtype: torch.dtype) -> Int8Kernel | None:
-        perm, g_idx = _sorted_groups(ql)
-        q = unpack(ql.qweight, 8, ql.in_features)  # [K, N]
-        if perm is not None:
-            q = q[perm]
+        perm, g_idx, q = _sorted_codes(ql)  # q: [K, N]
         w = (q - 128).to(torch.int8).T.contiguous()  # [N, K]
         starts = [0] + (torch.nonzero(g_idx[1:] != g_idx[:-1]).flatten() + 1).tolist() + [ql.in_features]
         z = ql.zero_points().float()
