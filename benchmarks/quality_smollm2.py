@@ -70,7 +70,7 @@ def main() -> None:
                     help="calibration forward dtype, for optq and GPTQModel alike")
     ap.add_argument("--desc-act", action="store_true", help="act-order for the GPTQ runs (both tools)")
     ap.add_argument("--optq-flags", default="",
-                    help="extra `optq quantize` flags for the optq GPTQ run, e.g. '--static-groups --gptaq'")
+                    help="extra GPTQ flags for both tools' runs, e.g. '--static-groups --gptaq'")
     ap.add_argument("--gptqmodel-venv", default="/tmp/optq-gptqmodel-venv",
                     help="venv made by benchmarks/gptqmodel_env.sh; skipped if absent")
     a = ap.parse_args()
@@ -101,9 +101,10 @@ def main() -> None:
                                       str(float_dir), "", "--windows", str(windows), "--bits", str(bits),
                                       "--group-size", str(a.group_size), "--dtype", a.compute_dtype]
             runs["gptqmodel-gptq"] += ["--desc-act"] if a.desc_act else []
+            runs["gptqmodel-gptq"] += a.optq_flags.split()  # same names in gptqmodel_quantize.py
         for name, cmd in runs.items():
             act = "-act" if (a.desc_act and name != "rtn") else ""
-            if name == "optq-gptq":
+            if name != "rtn":
                 act += "".join("-" + f.lstrip("-") for f in a.optq_flags.split())
             out = work / f"{name}-{bits}bit-g{a.group_size}{act}"
             cmd[cmd.index("")] = str(out)

@@ -294,3 +294,37 @@ def test_gptaq_pipeline(tinystories_model, tinystories_text, tmp_path):
     assert meta["gptaq_alpha"] == 0.25
     model = optq.load(tmp_path / "asym")
     assert torch.isfinite(model(torch.tensor([[1, 2, 3, 4]])).logits).all()
+
+
+def test_lm_head_quantized_and_untied(tinystories_model, tinystories_text, tmp_path):
+    src, tok = load_any(tinystories_model, "float32")
+    emb = src.get_input_embeddings().weight.detach().clone()
+    heads = {}
+    for method in ("rtn", "gptq"):
+        out = tmp_path / method
+        _quantize(tinystories_model, out, tinystories_text, bits=4, group_size=32, lm_head=True, method=method)
+        cfg = json.loads((out / "config.json").read_text())
+        assert cfg["quantization_config"]["lm_head"] is True and cfg["tie_word_embeddings"] is False
+        t = _tensors(out)
+        # The input embeddings stay the float ones: quantizing the tied head must not have written into them.
+        torch.testing.assert_close(t["model.embed_tokens.weight"].float(), emb.half().float(), atol=0, rtol=0)
+        head = {k.split(".")[-1]: v for k, v in t.items() if k.startswith("lm_head.")}
+        assert set(head) == {"qweight", "qzeros", "scales", "g_idx"}
+        heads[method] = w = spec_dequantize(head, 4, emb.shape[1], emb.shape[0], v1=True)
+        assert any(",lm_head," in r for r in (out / "quant_log.csv").read_text().splitlines())
+        model = optq.load(out, dtype="float32", backend="reference")
+        assert isinstance(model.get_output_embeddings(), QuantLinear)
+        torch.testing.assert_close(model.get_input_embeddings().weight, emb.half().float(), atol=0, rtol=0)
+        ids = torch.randint(0, emb.shape[0], (1, 16), generator=torch.Generator().manual_seed(0))
+        res = model(ids, output_hidden_states=True)
+        torch.testing.assert_close(res.logits, res.hidden_states[-1] @ w.T, atol=1e-4, rtol=1e-4)
+    # RTN: every weight within half a grid step of the float one.
+    step = heads["rtn"].sub(emb).abs().max()
+    assert 0 < step < emb.abs().max() / 4
+    # GPTQ: smaller logit error than RTN on the float model's final hidden states for a stretch of the text.
+    text = tinystories_text.read_text()[-4000:]
+    ids = tok(text, return_tensors="pt").input_ids[:, :256]
+    with torch.no_grad():
+        hidden = src(ids, output_hidden_states=True).hidden_states[-1][0]
+    err = {m: (hidden @ (w - emb).T).norm() for m, w in heads.items()}
+    assert err["gptq"] < 0.9 * err["rtn"], err

@@ -6,6 +6,7 @@ import torch
 from optq.core.gptq import HessianAccumulator, gptq_solve
 from optq.core.grid import GridSpec
 from optq.formats.gptq import pack_module
+from optq.runtime import native
 from optq.runtime.quant_linear import INT8_MAX_ROWS, QuantLinear
 
 
@@ -47,22 +48,25 @@ def test_kernels_match_reference(bits, in_f, out_f, group_size, desc_act, sym, f
     assert ql.prepare("reference") == "reference"
     ref32 = ql(x)
     torch.testing.assert_close(ref32, x @ qw.dequantize().T + ql.bias.float(), atol=1e-4, rtol=1e-4)
-    kernel = KERNEL_OF_BITS[bits]
-    assert ql.prepare("auto", torch.float32) == kernel
-    torch.testing.assert_close(ql(x), ref32, atol=2e-4, rtol=1e-4)
+    kernels = [KERNEL_OF_BITS[bits]]
+    if bits in (2, 3, 4) and native.load():
+        kernels.insert(0, "native")
+    assert ql.prepare("auto", torch.float32) == kernels[0]
     ql.prepare("reference")
-    # bf16 activations: the kernel's error stays of the order of the reference path's own bf16 error.
     ref16 = ql(x.bfloat16()).float()
-    ql.prepare(kernel, torch.bfloat16)
-    out = ql(x.bfloat16()).float()
-    assert out.shape == (3, 5, out_f)
-    err = (out - ref32).abs().max() / ref32.abs().max()
-    err_ref16 = (ref16 - ref32).abs().max() / ref32.abs().max()
-    assert err < 3 * err_ref16 + 1e-3, (float(err), float(err_ref16))
-    # Prefill-length inputs (the int8 path switches to a dense matmul above INT8_MAX_ROWS): same answer.
     long_x = torch.randn(1, INT8_MAX_ROWS + 7, in_f)
-    ql.prepare("auto", torch.float32)
-    torch.testing.assert_close(ql(long_x), long_x @ qw.dequantize().T + ql.bias.float(), atol=2e-4, rtol=1e-4)
+    for kernel in kernels:
+        assert ql.prepare(kernel, torch.float32) == kernel
+        torch.testing.assert_close(ql(x), ref32, atol=2e-4, rtol=1e-4)
+        # Prefill-length inputs (the int8 path switches to a dense matmul above INT8_MAX_ROWS): same answer.
+        torch.testing.assert_close(ql(long_x), long_x @ qw.dequantize().T + ql.bias.float(), atol=2e-4, rtol=1e-4)
+        # bf16 activations: the kernel's error stays of the order of the reference path's own bf16 error.
+        assert ql.prepare(kernel, torch.bfloat16) == kernel
+        out = ql(x.bfloat16()).float()
+        assert out.shape == (3, 5, out_f)
+        err = (out - ref32).abs().max() / ref32.abs().max()
+        err_ref16 = (ref16 - ref32).abs().max() / ref32.abs().max()
+        assert err < 3 * err_ref16 + 1e-3, (kernel, float(err), float(err_ref16))
     # Released packed tensors: the kernel still answers, the reference path says why it cannot.
     ql.prepare("auto", torch.float32, release_packed=True)
     assert ql.qweight.numel() == 0
@@ -71,9 +75,41 @@ def test_kernels_match_reference(bits, in_f, out_f, group_size, desc_act, sym, f
         ql.dequantize_weight()
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("in_f,out_f,group_size,desc_act,sym,fmt", CASES)
+def test_native_kernel_matches_reference(bits, in_f, out_f, group_size, desc_act, sym, fmt):
+    if not native.load():
+        pytest.skip("optq's native kernel needs AVX-512 BF16 and a C++ compiler")  # the int4 tests still run
+    if bits == 3 and out_f % 32:
+        out_f = 96
+    ql, qw = make_quant_linear(in_f, out_f, bits, group_size, desc_act, sym, fmt, bias=False)
+    assert ql.prepare("auto", torch.bfloat16) == "native"
+    w = qw.dequantize().T  # [in, out], float32
+    # Rows 1 and 2 take the kernel's one- and two-row loops, 71 both (35 pairs and a single row).
+    for rows in (1, 2, 71):
+        x = torch.randn(rows, in_f).bfloat16()
+        exact = x.double() @ w.double()  # the same bf16 inputs, exact products and sums
+        out = ql(x)
+        assert out.dtype == torch.bfloat16 and out.shape == (rows, out_f)
+        # Float32 accumulation (relative 2^-24 per term, K terms), then one rounding to bf16 (unit roundoff 2^-8).
+        bound = 2 ** -8 * exact.abs() + in_f * 2 ** -22 * (x.double().abs() @ w.double().abs())
+        assert bool(((out.double() - exact).abs() <= bound).all()), float(((out.double() - exact).abs() - bound).max())
+    ql.prepare("native", torch.bfloat16, release_packed=True)
+    torch.testing.assert_close(ql(x), out, atol=0, rtol=0)
+
+
+def test_native_kernel_refuses_groups_off_its_grid():
+    if not native.load():
+        pytest.skip("optq's native kernel needs AVX-512 BF16 and a C++ compiler")
+    ql, _ = make_quant_linear(48, 64, 4, 6)  # groups start at 6, 12, ...: not multiples of 4
+    with pytest.raises(ValueError, match="native backend cannot run"):
+        ql.prepare("native", torch.bfloat16)
+    assert ql.prepare("auto", torch.float32) == "reference"
+
+
 def test_kernels_refuse_what_they_cannot_run():
     ql, _ = make_quant_linear(40, 32, 4, -1)  # K = 40: no int4 kernel block size divides it
-    assert ql.prepare("auto") == "reference"
+    assert ql.prepare("auto") == ("native" if native.load() else "reference")
     with pytest.raises(ValueError, match="int4 backend cannot run"):
         ql.prepare("int4")
     with pytest.raises(ValueError, match="int8 backend cannot run"):

@@ -6,7 +6,7 @@ from .config import QuantizeConfig  # noqa: E402
 from .errors import OptqError  # noqa: E402
 
 
-def load(path, dtype="float32", device="cpu", trust_remote_code=False, backend="auto"):
+def load(path, dtype="auto", device="cpu", trust_remote_code=False, backend="auto"):
     """Load a GPTQ checkpoint folder as a Transformers model with optq QuantLinear modules."""
     from .runtime.load import load as _load
 

@@ -132,13 +132,14 @@ def load_any(path: str | os.PathLike, dtype: str | torch.dtype = "auto", allow_p
              trust_remote_code: bool = False, backend: str = "auto"):
     """(model, tokenizer) for a quantized checkpoint, a float model folder or a .gguf file."""
     from .models.loading import resolve_model_path
-    from .runtime.load import load
+    from .runtime.load import canonical_lm_head_input, load
 
     p = resolve_model_path(path)
     if is_quantized_checkpoint(p):
         model = load(p, dtype=dtype, trust_remote_code=trust_remote_code, backend=backend)
         return model, load_tokenizer(p, False, trust_remote_code)
     src = load_source_model(p, dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    canonical_lm_head_input(src.model)
     return src.model, src.tokenizer
 
 

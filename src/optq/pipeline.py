@@ -272,6 +272,36 @@ def _module_plan(layer: nn.Module, prefix: str, spec_groups, config: QuantizeCon
     return plan, skipped
 
 
+def _output_projection(model: nn.Module, spec, config: QuantizeConfig) -> tuple[str, QuantizeConfig | None]:
+    """(name, config) of the output projection (lm_head) that config.lm_head asks to quantize."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
+    if name is None or not isinstance(head, nn.Linear):
+        raise OptqError("lm_head quantization: this model has no linear output projection; drop --lm-head")
+    try:
+        get_submodule(model, spec.final_norm)
+    except (AttributeError, OptqError):
+        raise OptqError(f"lm_head quantization: {spec.final_norm} (the final norm) is missing from this model "
+                        "(e.g. OPT with project_out); drop --lm-head") from None
+    mcfg = config.for_module(name)
+    in_f, out_f = linear_shape(head)
+    why = module_packable(in_f, out_f, mcfg.bits) if mcfg is not None else None
+    if why:
+        raise OptqError(f"lm_head quantization: {name} cannot be packed ({why}); drop --lm-head")
+    return name, mcfg
+
+
+def _untie(model: nn.Module, head: nn.Module) -> None:
+    """Give the output projection its own weight: quantizing it must not change the input embeddings it may
+    share storage with; the checkpoint then stores both and says they are not tied."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and getattr(emb, "weight", None) is not None and \
+            emb.weight.data_ptr() == head.weight.data_ptr():
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.config.tie_word_embeddings = False
+
+
 def _solve_one(
     w: torch.Tensor, h: torch.Tensor | None, mcfg: QuantizeConfig, cross_term: torch.Tensor | None = None
 ) -> tuple[QuantizedWeight, float, float]:
@@ -376,6 +406,32 @@ def quantize_model(
         if device.type != "cpu":
             layers[index] = layer.to("cpu")
         del work
+
+    if config.lm_head:
+        head_name, head_cfg = _output_projection(model, spec, config)
+        if head_cfg is None:
+            left_float[head_name] = "dynamic: left in float"
+        else:
+            t0 = time.perf_counter()
+            head = get_submodule(model, head_name)
+            hessian = cross = None
+            acc = None
+            if needs_data:
+                norm = copy.deepcopy(get_submodule(model, spec.final_norm)).to(device=device, dtype=compute_dtype)
+                acc = HessianAccumulator(linear_shape(head)[0], device=device, asymmetric=asymmetric)
+                with torch.no_grad():
+                    for j, (hidden, _, _) in enumerate(inputs):
+                        acc.add(norm(hidden), x_ref=norm(float_hidden[j]) if asymmetric else None)
+                hessian, cross = acc.hessian(), acc.cross_term()
+            _untie(model, head)
+            qw, loss, damp = _solve_one(linear_weight(head).float(), hessian, head_cfg, cross)
+            set_linear_weight(head, qw.dequantize())
+            packed[head_name] = pack_module(qw, head_cfg.checkpoint_format)
+            entry = ModuleLog(len(layers), head_name, head_cfg.bits, head_cfg.group_size, loss, damp,
+                              acc.tokens if acc is not None else 0, time.perf_counter() - t0)
+            rows.append(entry)
+            if on_module:
+                on_module(entry)
 
     dynamic = dict(config.dynamic)
     for full in left_float:

@@ -24,6 +24,7 @@ _LLAMA_GROUPS = (
 class ArchSpec:
     layers: str  # dotted path from the CausalLM to the ModuleList of decoder layers
     groups: tuple[tuple[str, ...], ...]
+    final_norm: str = "model.norm"  # what turns the last layer's output into the output projection's input
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -41,8 +42,10 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "opt": ArchSpec(
         "model.decoder.layers",
         (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",), ("fc1",), ("fc2",)),
+        "model.decoder.final_layer_norm",
     ),
-    "gpt2": ArchSpec("transformer.h", (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",))),
+    "gpt2": ArchSpec("transformer.h", (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
+                     "transformer.ln_f"),
     "gpt_neox": ArchSpec(
         "gpt_neox.layers",
         (
@@ -51,6 +54,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             ("mlp.dense_h_to_4h",),
             ("mlp.dense_4h_to_h",),
         ),
+        "gpt_neox.final_layer_norm",
     ),
 }
 

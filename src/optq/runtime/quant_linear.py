@@ -3,6 +3,7 @@
 Backends (chosen once, at load time, by `prepare`):
 - "reference": dequantize the weight on each call and run a dense matmul in the activation dtype. Handles every
   bits / group size / act-order combination the format can express.
+- "native": 2/3/4-bit codes repacked once for optq's own AVX-512 kernel (runtime/native.py), bf16 or fp32.
 - "int4": 2/3/4-bit codes repacked once for PyTorch's CPU int4 matmul (`_weight_int4pack_mm_for_cpu`).
 - "int8": 8-bit codes as int8 for PyTorch's `_weight_int8pack_mm`, one call per group.
 Once a kernel is built the checkpoint-layout tensors can be released (`optq.load` does), so a loaded model
@@ -17,7 +18,7 @@ from torch import nn
 
 from ..core.packing import unpack, unpack_cols
 
-BACKENDS = ("auto", "reference", "int4", "int8")
+BACKENDS = ("auto", "reference", "native", "int4", "int8")
 # Above this many rows (tokens) the int8 path dequantizes its int8 weight and runs one dense matmul, which
 # beats the per-group int8 kernel calls there (K=2048, N=8192, bf16: 512 rows 44 ms against 127 ms; 4 rows
 # 1.4 ms against 24 ms). The int4 kernel serves every length: at 512 rows it takes 52 ms, a dense bf16 matmul
@@ -51,7 +52,7 @@ class QuantLinear(nn.Module):
         else:
             self.bias = None
         self.backend = "reference"
-        self._kernel: Int4Kernel | Int8Kernel | None = None
+        self._kernel: NativeInt4Kernel | Int4Kernel | Int8Kernel | None = None
         self.released = False
 
     def zero_points(self) -> torch.Tensor:
@@ -81,7 +82,9 @@ class QuantLinear(nn.Module):
             raise ValueError("this module's packed tensors were released after its kernel was built")
         self.backend, self._kernel = "reference", None
         on_cpu = self.qweight.device.type == "cpu"
-        if backend in ("auto", "int4") and self.bits in Int4Kernel.BITS and on_cpu:
+        if backend in ("auto", "native") and self.bits in NativeInt4Kernel.BITS and on_cpu:
+            self._kernel = NativeInt4Kernel.build(self, dtype)
+        if self._kernel is None and backend in ("auto", "int4") and self.bits in Int4Kernel.BITS and on_cpu:
             self._kernel = Int4Kernel.build(self, dtype)
         elif backend in ("auto", "int8") and self.bits == 8 and on_cpu:
             self._kernel = Int8Kernel.build(self, dtype)
@@ -134,6 +137,59 @@ def _sorted_codes(ql: QuantLinear) -> tuple[torch.Tensor | None, torch.Tensor, t
         perm = torch.argsort(g_idx, stable=True)
         return perm, g_idx[perm], q[perm]
     return None, g_idx, q
+
+
+class NativeInt4Kernel:
+    """optq's AVX-512 kernel (native/q4_gemm.cpp, where its layout and algebra are written down).
+
+    Codes are stored as they are (2/3-bit codes are 4-bit codes that use part of the range), with float32
+    s and z + 128 per group and output, so w = s * (q - z) carries no rounding beyond the checkpoint's own.
+    Activations run in bf16 where the CPU has AVX-512 BF16, else in float32 (float16 ones are widened).
+    Act-order inputs are sorted by group once, as for Int4Kernel; groups must start at multiples of 4 inputs
+    (true for every group size that is a multiple of 4); outputs are padded to a multiple of 64 with
+    zero-scale columns.
+    """
+
+    name = "native"
+    BITS = (2, 3, 4)
+    TILE_N = 64
+
+    def __init__(self, packed, scale, zp, starts, perm, out_features, dtype):
+        self.packed, self.scale, self.zp, self.starts, self.perm = packed, scale, zp, starts, perm
+        self.out_features, self.dtype = out_features, dtype
+
+    @classmethod
+    def build(cls, ql: QuantLinear, dtype: torch.dtype) -> NativeInt4Kernel | None:
+        from . import native
+
+        k, n = ql.in_features, ql.out_features
+        if k % 4 or not native.load() or (dtype == torch.bfloat16 and not native.bf16_supported()):
+            return None
+        kernel_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+        perm, g_idx, q = _sorted_codes(ql)  # q: [K, N]
+        starts = [0] + (torch.nonzero(g_idx[1:] != g_idx[:-1]).flatten() + 1).tolist() + [k]
+        if any(a % 4 for a in starts):
+            return None
+        run_group = g_idx[starts[:-1]]  # the GPTQ group of each contiguous run
+        s = ql.scales.float()[run_group]  # [R, N]
+        zp = ql.zero_points().float()[run_group] + 128
+        pad = -n % cls.TILE_N
+        tiles = (n + pad) // cls.TILE_N
+        q = F.pad(q, (0, pad)).to(torch.uint8)
+        s, zp = F.pad(s, (0, pad)), F.pad(zp, (0, pad))
+        # q[k, n] -> [k/4, half (k%4 >= 2), e (k%2), tile, subtile, lane]; the low nibble takes half 0.
+        c = q.view(k // 4, 2, 2, tiles, 4, 16)
+        packed = (c[:, 0] | (c[:, 1] << 4)).permute(2, 0, 3, 4, 1).reshape(tiles, k // 4, 128).contiguous()
+        per_tile = lambda t: t.view(-1, tiles, cls.TILE_N).permute(1, 0, 2).contiguous()  # noqa: E731
+        starts_t = torch.tensor(starts, dtype=torch.int32)
+        return cls(packed, per_tile(s), per_tile(zp), starts_t, perm, n, kernel_dtype)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.zp))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.optq_native.q4_gemm(x, self.packed, self.scale, self.zp, self.starts)
+        return y if y.shape[1] == self.out_features else y[:, : self.out_features]
 
 
 class Int4Kernel:
