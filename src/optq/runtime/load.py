@@ -119,9 +119,11 @@ def load(
                     cur = owner._parameters[leaf]
                     if tuple(cur.shape) != tuple(t.shape):
                         raise OptqError(f"{key} has shape {tuple(t.shape)}, expected {tuple(cur.shape)}")
-                    owner._parameters[leaf] = nn.Parameter(t.to(torch_dtype), requires_grad=False)
+                    # copy=True: a tensor still backed by the file's memory map would keep the whole map,
+                    # every page already read included, in the process's RSS (+0.5 GB on a 1B model).
+                    owner._parameters[leaf] = nn.Parameter(t.to(torch_dtype, copy=True), requires_grad=False)
                 elif leaf in owner._buffers:
-                    owner._buffers[leaf] = t.to(torch_dtype) if t.is_floating_point() else t
+                    owner._buffers[leaf] = t.to(torch_dtype if t.is_floating_point() else t.dtype, copy=True)
                 else:
                     raise OptqError(f"tensor {key} does not belong to this model architecture")
     absent = [f"{n}.{leaf}" for n in qmods for leaf in _QUANT_DTYPES if f"{n}.{leaf}" not in loaded]

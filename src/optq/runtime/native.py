@@ -96,6 +96,7 @@ def load() -> bool:
     if reason is None:
         try:
             torch.ops.load_library(str(_build(_compiler())))
+            _register_fake()
         except Exception as e:  # a failed build must not stop loading: PyTorch's kernel still runs the model
             reason = f"its build failed: {e}"
     _state["ok"] = reason is None
@@ -103,3 +104,12 @@ def load() -> bool:
         log.warning("optq's native int4 kernel is off (%s); using PyTorch's int4 kernel, ~3x slower per weight",
                     reason)
     return reason is None
+
+
+def _register_fake() -> None:
+    """Shape rule for torch.compile (which traces with tensors that hold no data)."""
+
+    def q4_gemm_fake(x, packed, scale, zp, starts):
+        return x.new_empty(x.shape[0], packed.shape[0] * 64)
+
+    torch.library.register_fake("optq_native::q4_gemm", q4_gemm_fake)
