@@ -127,3 +127,30 @@ def test_int8_rows_not_multiple_of_16(in_f, group_size, desc_act):
     for rows in (1, 3, INT8_MAX_ROWS + 1):
         x = torch.randn(rows, in_f)
         torch.testing.assert_close(ql(x), x @ qw.dequantize().T + ql.bias.float(), atol=2e-4, rtol=1e-4)
+
+
+def test_lm_head_input_gets_canonical_strides():
+    from torch import nn
+
+    from optq.runtime.load import canonical_lm_head_input
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm_head = nn.Linear(64, 96, bias=False).requires_grad_(False)
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+    model = Tiny()
+    seen = []
+    canonical_lm_head_input(model)
+    model.lm_head.register_forward_pre_hook(lambda m, args: seen.append(args[0].stride()))
+    hidden = torch.randn(1, 7, 64)
+    last = hidden[:, -1:, :]  # generation's first-step view: batch stride 7 * 64
+    assert last.stride() == (7 * 64, 64, 1)
+    torch.testing.assert_close(model.lm_head(last), last @ model.lm_head.weight.T, atol=0, rtol=0)
+    assert seen == [(64, 64, 1)]
+    canonical_lm_head_input(model)  # idempotent: one hook
+    model.lm_head(last)
+    assert seen[-1] == (64, 64, 1) and len(model.lm_head._forward_pre_hooks) == 2
