@@ -100,10 +100,17 @@ def load() -> bool:
         except Exception as e:  # a failed build must not stop loading: PyTorch's kernel still runs the model
             reason = f"its build failed: {e}"
     _state["ok"] = reason is None
+    _state["reason"] = reason
     if reason is not None and reason != "OPTQ_NATIVE=0":
         log.warning("optq's native int4 kernel is off (%s); using PyTorch's int4 kernel, ~3x slower per weight",
                     reason)
     return reason is None
+
+
+def why_unavailable() -> str | None:
+    """None when the kernel is loaded, else the reason (after trying to load it)."""
+    load()
+    return _state["reason"]  # type: ignore[return-value]
 
 
 def _register_fake() -> None:
@@ -113,3 +120,4 @@ def _register_fake() -> None:
         return x.new_empty(x.shape[0], packed.shape[0] * 64)
 
     torch.library.register_fake("optq_native::q4_gemm", q4_gemm_fake)
+    torch.library.register_fake("optq_native::q8_gemm", q4_gemm_fake)  # same output shape rule

@@ -3,7 +3,7 @@
 Backends (chosen once, at load time, by `prepare`):
 - "reference": dequantize the weight on each call and run a dense matmul in the activation dtype. Handles every
   bits / group size / act-order combination the format can express.
-- "native": 2/3/4-bit codes repacked once for optq's own AVX-512 kernel (runtime/native.py), bf16 or fp32.
+- "native": 2/3/4/8-bit codes repacked once for optq's own AVX-512 kernels (runtime/native.py), bf16 or fp32.
 - "int4": 2/3/4-bit codes repacked once for PyTorch's CPU int4 matmul (`_weight_int4pack_mm_for_cpu`).
 - "int8": 8-bit codes as int8 for PyTorch's `_weight_int8pack_mm`, one call per group.
 Once a kernel is built the checkpoint-layout tensors can be released (`optq.load` does), so a loaded model
@@ -52,7 +52,7 @@ class QuantLinear(nn.Module):
         else:
             self.bias = None
         self.backend = "reference"
-        self._kernel: NativeInt4Kernel | Int4Kernel | Int8Kernel | None = None
+        self._kernel: NativeKernel | Int4Kernel | Int8Kernel | None = None
         self.released = False
 
     def zero_points(self) -> torch.Tensor:
@@ -82,11 +82,11 @@ class QuantLinear(nn.Module):
             raise ValueError("this module's packed tensors were released after its kernel was built")
         self.backend, self._kernel = "reference", None
         on_cpu = self.qweight.device.type == "cpu"
-        if backend in ("auto", "native") and self.bits in NativeInt4Kernel.BITS and on_cpu:
-            self._kernel = NativeInt4Kernel.build(self, dtype)
+        if backend in ("auto", "native") and self.bits in NativeKernel.BITS and on_cpu:
+            self._kernel = NativeKernel.build(self, dtype)
         if self._kernel is None and backend in ("auto", "int4") and self.bits in Int4Kernel.BITS and on_cpu:
             self._kernel = Int4Kernel.build(self, dtype)
-        elif backend in ("auto", "int8") and self.bits == 8 and on_cpu:
+        if self._kernel is None and backend in ("auto", "int8") and self.bits == 8 and on_cpu:
             self._kernel = Int8Kernel.build(self, dtype)
         if self._kernel is not None:
             self.backend = self._kernel.name
@@ -139,33 +139,41 @@ def _sorted_codes(ql: QuantLinear) -> tuple[torch.Tensor | None, torch.Tensor, t
     return None, g_idx, q
 
 
-class NativeInt4Kernel:
-    """optq's AVX-512 kernel (native/q4_gemm.cpp, where its layout and algebra are written down).
+class NativeKernel:
+    """optq's AVX-512 kernels (native/q4_gemm.cpp, where their layouts and algebra are written down).
 
-    Codes are stored as they are (2/3-bit codes are 4-bit codes that use part of the range), with float32
-    s and z + 128 per group and output, so w = s * (q - z) carries no rounding beyond the checkpoint's own.
-    Activations run in bf16 where the CPU has AVX-512 BF16, else in float32 (float16 ones are widened).
+    Codes are stored as they are (2/3-bit codes are 4-bit codes that use part of the range; 8-bit codes one
+    byte each), with float32 s and z + 128 per group and output, so w = s * (q - z) carries no rounding beyond
+    the checkpoint's own. 4-bit activations run in bf16 where the CPU has AVX-512 BF16, else in float32
+    (float16 ones are widened); 8-bit computes in float32 and returns the activation dtype.
     Act-order inputs are sorted by group once, as for Int4Kernel; groups must start at multiples of 4 inputs
     (true for every group size that is a multiple of 4); outputs are padded to a multiple of 64 with
     zero-scale columns.
     """
 
     name = "native"
-    BITS = (2, 3, 4)
+    BITS = (2, 3, 4, 8)
     TILE_N = 64
 
-    def __init__(self, packed, scale, zp, starts, perm, out_features, dtype):
+    def __init__(self, packed, scale, zp, starts, perm, out_features, dtype, op):
         self.packed, self.scale, self.zp, self.starts, self.perm = packed, scale, zp, starts, perm
-        self.out_features, self.dtype = out_features, dtype
+        self.out_features, self.dtype, self.op = out_features, dtype, op
 
     @classmethod
-    def build(cls, ql: QuantLinear, dtype: torch.dtype) -> NativeInt4Kernel | None:
+    def build(cls, ql: QuantLinear, dtype: torch.dtype) -> NativeKernel | None:
         from . import native
 
         k, n = ql.in_features, ql.out_features
-        if k % 4 or not native.load() or (dtype == torch.bfloat16 and not native.bf16_supported()):
+        if k % 4 or not native.load():
             return None
-        kernel_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+        if ql.bits == 8:
+            kernel_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+        elif dtype == torch.bfloat16 and native.bf16_supported():
+            kernel_dtype = torch.bfloat16
+        elif dtype == torch.bfloat16:
+            return None  # bf16 activations without VDPBF16PS: PyTorch's int4 kernel serves them
+        else:
+            kernel_dtype = torch.float32
         perm, g_idx, q = _sorted_codes(ql)  # q: [K, N]
         starts = [0] + (torch.nonzero(g_idx[1:] != g_idx[:-1]).flatten() + 1).tolist() + [k]
         if any(a % 4 for a in starts):
@@ -177,18 +185,23 @@ class NativeInt4Kernel:
         tiles = (n + pad) // cls.TILE_N
         q = F.pad(q, (0, pad)).to(torch.uint8)
         s, zp = F.pad(s, (0, pad)), F.pad(zp, (0, pad))
-        # q[k, n] -> [k/4, half (k%4 >= 2), e (k%2), tile, subtile, lane]; the low nibble takes half 0.
-        c = q.view(k // 4, 2, 2, tiles, 4, 16)
-        packed = (c[:, 0] | (c[:, 1] << 4)).permute(2, 0, 3, 4, 1).reshape(tiles, k // 4, 128).contiguous()
+        if ql.bits == 8:
+            packed = q.view(k, tiles, cls.TILE_N).permute(1, 0, 2).contiguous()  # [tile, k, 64]
+            op = torch.ops.optq_native.q8_gemm
+        else:
+            # q[k, n] -> [k/4, half (k%4 >= 2), e (k%2), tile, subtile, lane]; the low nibble takes half 0.
+            c = q.view(k // 4, 2, 2, tiles, 4, 16)
+            packed = (c[:, 0] | (c[:, 1] << 4)).permute(2, 0, 3, 4, 1).reshape(tiles, k // 4, 128).contiguous()
+            op = torch.ops.optq_native.q4_gemm
         per_tile = lambda t: t.view(-1, tiles, cls.TILE_N).permute(1, 0, 2).contiguous()  # noqa: E731
         starts_t = torch.tensor(starts, dtype=torch.int32)
-        return cls(packed, per_tile(s), per_tile(zp), starts_t, perm, n, kernel_dtype)
+        return cls(packed, per_tile(s), per_tile(zp), starts_t, perm, n, kernel_dtype, op)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.zp))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.optq_native.q4_gemm(x, self.packed, self.scale, self.zp, self.starts)
+        y = self.op(x, self.packed, self.scale, self.zp, self.starts)
         return y if y.shape[1] == self.out_features else y[:, : self.out_features]
 
 

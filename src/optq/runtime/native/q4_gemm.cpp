@@ -1,4 +1,5 @@
-// optq native CPU kernel: bf16 (AVX-512 BF16 dot products) or float32 (AVX-512 FMA) activations x 4-bit codes.
+// optq native CPU kernels: bf16 (AVX-512 BF16 dot products) or float32 (AVX-512 FMA) activations x 4-bit
+// codes (q4_gemm), and float32 FMAs on 8-bit codes (q8_gemm).
 //
 // Packed weight layout, per tile of 64 outputs: [n_tile][k_quad][sub][32 bytes], sub = 16-output subtile.
 // Byte 2*i + e of a subtile holds code(k = 4q + e, n = 16 sub + i) in its low nibble and
@@ -130,15 +131,57 @@ void tile_kernel_f32(const float* x, int64_t ldx, const uint8_t* w, const float*
     for (int s = 0; s < 4; ++s) _mm512_storeu_ps(out_f + r * TILE_N + 16 * s, out[r][s]);
 }
 
+// 8-bit codes: per tile, [K][64] bytes (one per output), widened to int32 lanes and converted; one FMA per
+// weight with float32 activations (bf16 ones are widened once per call). Bound by memory at one byte/weight.
+template <int MB>
+void tile_kernel_u8(const float* x, int64_t ldx, const uint8_t* w, const float* scale, const float* zp,
+                    const int32_t* starts, int64_t groups, const float* xsum, int64_t ldxs, float* out_f) {
+  const __m512 off = _mm512_set1_ps(128.f);
+  __m512 out[MB][4];
+  for (int r = 0; r < MB; ++r)
+    for (int s = 0; s < 4; ++s) out[r][s] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 acc[MB][4][2];
+    for (int r = 0; r < MB; ++r)
+      for (int s = 0; s < 4; ++s) acc[r][s][0] = acc[r][s][1] = _mm512_setzero_ps();
+    for (int64_t k = starts[g]; k < starts[g + 1]; k += 2) {
+      const uint8_t* wk = w + k * TILE_N;
+      _mm_prefetch((const char*)(wk + 1024), _MM_HINT_T0);
+      for (int s = 0; s < 4; ++s) {
+        __m512 c0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(wk + 16 * s))));
+        __m512 c1 = _mm512_cvtepi32_ps(
+            _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(wk + TILE_N + 16 * s))));
+        for (int r = 0; r < MB; ++r) {
+          const float* xr = x + r * ldx + k;
+          acc[r][s][0] = _mm512_fmadd_ps(_mm512_set1_ps(xr[0]), c0, acc[r][s][0]);
+          acc[r][s][1] = _mm512_fmadd_ps(_mm512_set1_ps(xr[1]), c1, acc[r][s][1]);
+        }
+      }
+    }
+    const float* sg = scale + g * TILE_N;
+    const float* zg = zp + g * TILE_N;
+    for (int r = 0; r < MB; ++r) {
+      __m512 xs = _mm512_set1_ps(xsum[r * ldxs + g]);
+      for (int s = 0; s < 4; ++s) {
+        __m512 dot = _mm512_add_ps(acc[r][s][0], acc[r][s][1]);
+        __m512 z = _mm512_sub_ps(_mm512_loadu_ps(zg + 16 * s), off);
+        out[r][s] = _mm512_fmadd_ps(_mm512_loadu_ps(sg + 16 * s), _mm512_fnmadd_ps(z, xs, dot), out[r][s]);
+      }
+    }
+  }
+  for (int r = 0; r < MB; ++r)
+    for (int s = 0; s < 4; ++s) _mm512_storeu_ps(out_f + r * TILE_N + 16 * s, out[r][s]);
+}
+
 OPTQ_BF16 void store_bf16(uint16_t* dst, const float* src) {
   for (int s = 0; s < 4; ++s)
     _mm256_storeu_si256((__m256i*)(dst + 16 * s), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(src + 16 * s)));
 }
 
-// x: [M, K] bf16 or float32, contiguous; packed: [N/64, K/4, 128] uint8; scale, zp: [N/64, G, 64] float32;
+// x: [M, K] bf16 or float32, contiguous; packed: [N/64, K/4, 128] uint8 (4-bit) or [N/64, K, 64] (8-bit); scale, zp: [N/64, G, 64] float32;
 // starts: [G + 1] int32. Returns [M, N] bf16.
-at::Tensor q4_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zp,
-                   const at::Tensor& starts) {
+at::Tensor gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zp,
+                const at::Tensor& starts, int bits) {
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   TORCH_CHECK((bf16 || x.scalar_type() == at::kFloat) && x.dim() == 2 && x.is_contiguous(),
               "x: contiguous 2-D bf16 or float32");
@@ -146,7 +189,11 @@ at::Tensor q4_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   TORCH_CHECK(scale.scalar_type() == at::kFloat && zp.scalar_type() == at::kFloat, "scale/zp float32");
   TORCH_CHECK(starts.scalar_type() == at::kInt && starts.dim() == 1, "starts int32");
   const int64_t M = x.size(0), K = x.size(1), tiles = packed.size(0), G = starts.size(0) - 1;
-  TORCH_CHECK(packed.size(1) * 4 == K && packed.size(2) == 128, "packed shape does not match x");
+  if (bits == 4) {
+    TORCH_CHECK(packed.size(1) * 4 == K && packed.size(2) == 128, "packed shape does not match x");
+  } else {
+    TORCH_CHECK(packed.size(1) == K && packed.size(2) == TILE_N, "packed shape does not match x");
+  }
   TORCH_CHECK(scale.size(0) == tiles && scale.size(1) == G && scale.size(2) == TILE_N, "scale shape");
   TORCH_CHECK(zp.sizes() == scale.sizes(), "zp shape");
   const int32_t* st = starts.data_ptr<int32_t>();
@@ -174,12 +221,20 @@ at::Tensor q4_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     alignas(64) float buf[2 * TILE_N];
     for (int64_t t = t0; t < t1; ++t) {
-      const uint8_t* wt = wp + t * (K / 4) * 128;
+      const uint8_t* wt = wp + t * K * (bits == 4 ? 32 : TILE_N);
       const float* stile = sp + t * G * TILE_N;
       const float* ztile = zpp + t * G * TILE_N;
       for (int64_t m = 0; m < M;) {
         const int rows = M - m >= 2 ? 2 : 1;
-        if (bf16) {
+        if (bits == 8) {
+          const float* xp = xf.data_ptr<float>() + m * K;
+          if (rows == 2) tile_kernel_u8<2>(xp, K, wt, stile, ztile, st, G, xsp + m * G, G, buf);
+          else tile_kernel_u8<1>(xp, K, wt, stile, ztile, st, G, xsp + m * G, G, buf);
+          for (int r = 0; r < rows; ++r) {
+            if (bf16) store_bf16((uint16_t*)y.data_ptr() + (m + r) * N + t * TILE_N, buf + r * TILE_N);
+            else std::memcpy(y.data_ptr<float>() + (m + r) * N + t * TILE_N, buf + r * TILE_N, TILE_N * 4);
+          }
+        } else if (bf16) {
           const uint16_t* xp = (const uint16_t*)x.data_ptr() + m * K;
           if (rows == 2) tile_kernel<2>(xp, K, wt, stile, ztile, st, G, xsp + m * G, G, buf);
           else tile_kernel<1>(xp, K, wt, stile, ztile, st, G, xsp + m * G, G, buf);
@@ -199,9 +254,23 @@ at::Tensor q4_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   return y;
 }
 
+at::Tensor q4_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zp,
+                   const at::Tensor& starts) {
+  return gemm(x, packed, scale, zp, starts, 4);
+}
+
+at::Tensor q8_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zp,
+                   const at::Tensor& starts) {
+  return gemm(x, packed, scale, zp, starts, 8);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(optq_native, m) {
   m.def("q4_gemm(Tensor x, Tensor packed, Tensor scale, Tensor zp, Tensor starts) -> Tensor");
+  m.def("q8_gemm(Tensor x, Tensor packed, Tensor scale, Tensor zp, Tensor starts) -> Tensor");
 }
-TORCH_LIBRARY_IMPL(optq_native, CPU, m) { m.impl("q4_gemm", &q4_gemm); }
+TORCH_LIBRARY_IMPL(optq_native, CPU, m) {
+  m.impl("q4_gemm", &q4_gemm);
+  m.impl("q8_gemm", &q8_gemm);
+}
