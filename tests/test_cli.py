@@ -38,19 +38,26 @@ def test_quantize_eval_generate_inspect(tinystories_model, tinystories_text, tmp
     optq("quantize", tinystories_model, rtn, "--rtn", "--bits", 3, "--asym", "--quiet")
     assert json.loads((rtn / "config.json").read_text())["quantization_config"]["meta"]["method"] == "rtn"
 
-    # bench: the bytes it reports for the 4-bit checkpoint are the int4 kernel's packed weights (K x N / 2)
-    # plus scale-and-offset pairs, and the float lm_head, counted here from the checkpoint itself.
-    b = json.loads(optq("bench", out, "--runs", 1, "--new-tokens", 4, "--prefill-tokens", 16, "--dtype", "bfloat16",
-                        "--json").stdout.strip().splitlines()[-1])
-    assert b["backends"] == ["int4"] and b["decode_tok_s"] > 0 and b["prefill_tok_s"] > 0 and b["rss_mb"] > 0
+    # bench: the bytes it reports for the 4-bit checkpoint are the kernel's packed weights plus its per-group
+    # parameters, and the float lm_head, counted here from the checkpoint itself. int4: K x N / 2 bytes and
+    # bf16 scale-and-offset pairs per 64-input block; native: N padded to 64, float32 scale and zero per group.
     from safetensors import safe_open
 
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
-    packed = sum(s[0] * 8 * s[1] // 2 for k, s in shapes.items() if k.endswith(".qweight"))
-    pairs = sum(s[0] * 8 // 64 * s[1] * 2 * 2 for k, s in shapes.items() if k.endswith(".qweight"))  # gk = 64
     vocab, hidden = shapes["model.embed_tokens.weight"]
-    assert b["weight_bytes"] == packed + pairs + vocab * hidden * 2
+    qshapes = [(s[0] * 8, s[1]) for k, s in shapes.items() if k.endswith(".qweight")]  # (K, N)
+    expected = {
+        "int4": sum(k * n // 2 + k // 64 * n * 2 * 2 for k, n in qshapes),
+        "native": sum(k * (-(-n // 64) * 64) // 2 + 2 * 4 * (k // 64) * (-(-n // 64) * 64) for k, n in qshapes),
+    }
+    from optq.runtime import native
+
+    for backend in ["int4"] + (["native"] if native.load() else []):  # test_runtime checks it loads where it can
+        b = json.loads(optq("bench", out, "--runs", 1, "--new-tokens", 4, "--prefill-tokens", 16, "--dtype",
+                            "bfloat16", "--backend", backend, "--json").stdout.strip().splitlines()[-1])
+        assert b["backends"] == [backend] and b["decode_tok_s"] > 0 and b["prefill_tok_s"] > 0 and b["rss_mb"] > 0
+        assert b["weight_bytes"] == expected[backend] + vocab * hidden * 2, backend
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from .errors import OptqError
 from .formats.gptq import LOG_FILE, AtomicFolder, checkpoint_tensors, is_quantized_checkpoint, parse_size, write_checkpoint
 from .models.loading import TOKENIZER_FILES, SourceModel, load_source_model, load_tokenizer, parse_dtype
 from .pipeline import ModuleLog, QuantizedModel, quantize_model
+from .resume import RunState, fault_point, windows_digest
 
 
 @dataclass
@@ -74,8 +75,12 @@ def quantize(
     trust_remote_code: bool = False,
     progress: bool = True,
     on_module=None,
+    resume: bool = False,
 ) -> QuantizeReport:
-    """Quantize `model` (a Hugging Face folder or a .gguf file) and write a GPTQ checkpoint to `out`."""
+    """Quantize `model` (a Hugging Face folder or a .gguf file) and write a GPTQ checkpoint to `out`.
+
+    Finished layers are kept beside `out` until the checkpoint is complete; `resume=True` continues an
+    interrupted run from them (same model, config and calibration), byte-identically."""
     started = time.perf_counter()
     config = config or QuantizeConfig()
     out_dtype = parse_dtype(dtype)
@@ -85,20 +90,20 @@ def quantize(
     windows = None
     if config.method == "gptq":
         windows = calibration_windows(src.tokenizer, dataset, nsamples, seqlen, seed)
-    result = quantize_model(
-        src.model,
-        windows,
-        config,
-        device=device,
-        compute_dtype=parse_dtype(compute_dtype) if compute_dtype else None,
-        progress=progress,
-        on_module=on_module,
-    )
+    cdtype = parse_dtype(compute_dtype) if compute_dtype else None
+    fingerprint = {"optq": __version__, "model": str(src.path), "config": config.to_hf(),
+                   "calibration tokens": windows_digest(windows), "compute dtype": str(cdtype), "device": device,
+                   "model config": _model_config_dict(src.model)}
+    state = RunState(out, fingerprint, resume=resume, overwrite=overwrite)
+    fault_point("calibration")
+    result = quantize_model(src.model, windows, config, device=device, compute_dtype=cdtype, progress=progress,
+                            on_module=on_module, state=state)
     calibration = None
     if windows is not None:
         calibration = {"dataset": str(dataset), "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
     save_quantized(src.model, result, folder, out_dtype, shard_bytes, calibration,
                    extra_files=lambda tmp: _copy_tokenizer(src, tmp))
+    state.finish()
     return QuantizeReport(Path(out), result, time.perf_counter() - started)
 
 
@@ -125,6 +130,7 @@ def save_quantized(
         if extra_files is not None:
             extra_files(tmp)
         write_log_csv(tmp / LOG_FILE, result.log)
+        fault_point("save")
     return folder.dest
 
 

@@ -44,7 +44,9 @@ def _add_quantize(sub) -> None:
     p.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="dtype of the calibration forward passes (default: the model's, float32)")
     p.add_argument("--device", default="cpu", help="compute device for the layer being quantized (cpu, cuda)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT (and any interrupted run of it) if it exists")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run of the same command from its last finished layer")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin) weights")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-module log")
@@ -112,7 +114,7 @@ def cmd_quantize(a) -> int:
     report = quantize(
         a.model, a.out, config, dataset=a.dataset, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
         max_shard_size=a.max_shard_size, dtype=a.dtype, compute_dtype=a.compute_dtype, device=a.device,
-        overwrite=a.overwrite, allow_pickle=a.allow_pickle, trust_remote_code=a.trust_remote_code,
+        overwrite=a.overwrite, resume=a.resume, allow_pickle=a.allow_pickle, trust_remote_code=a.trust_remote_code,
         progress=not a.quiet, on_module=None if a.quiet else show,
     )
     print(f"wrote {report.path} ({len(report.result.modules)} quantized modules) in {report.seconds:.1f}s")

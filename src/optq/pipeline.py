@@ -20,6 +20,7 @@ from .core.grid import QuantizedWeight, rtn_quantize
 from .errors import OptqError
 from .formats.gptq import module_packable, pack_module
 from .models.registry import arch_spec, get_submodule
+from .resume import RunState, fault_point
 
 log = logging.getLogger("optq")
 
@@ -323,9 +324,11 @@ def quantize_model(
     compute_dtype: torch.dtype | None = None,
     progress: bool = True,
     on_module: Callable[[ModuleLog], None] | None = None,
+    state: RunState | None = None,
 ) -> QuantizedModel:
     """Quantize `model` in place (its linear weights become the dequantized values) and return the packed
-    tensors. `windows` are calibration token windows [1, L]; RTN needs none."""
+    tensors. `windows` are calibration token windows [1, L]; RTN needs none. With `state`, each finished
+    layer is saved there, and layers it already holds are restored instead of solved (resume)."""
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
@@ -357,6 +360,20 @@ def quantize_model(
         left_float.update(skipped)
         float_layer = copy.deepcopy(work) if asymmetric else None
         float_inputs = [(hd, a, k) for hd, (_, a, k) in zip(float_hidden, inputs)] if asymmetric else None
+        saved = state.load(index) if state is not None else None
+        layer_weights: dict[str, QuantizedWeight] = {}
+        layer_rows: list[ModuleLog] = []
+        if saved is not None:
+            weights, saved_rows = saved
+            for members in plan:
+                for loc, full, mcfg in members:
+                    deq = weights[full].dequantize()
+                    set_linear_weight(get_submodule(layer, loc), deq)
+                    if work is not layer:
+                        set_linear_weight(get_submodule(work, loc), deq)
+                    packed[full] = pack_module(weights[full], mcfg.checkpoint_format)
+            rows.extend(ModuleLog(**r) for r in saved_rows)
+            plan = []  # nothing left to solve in this layer
         for members in plan:
             hessians = {}
             cross_terms = {}
@@ -387,9 +404,15 @@ def quantize_model(
                 entry = ModuleLog(index, full, mcfg.bits, mcfg.group_size, loss, damp, tokens.get(loc, 0),
                                   time.perf_counter() - t0)
                 rows.append(entry)
+                layer_weights[full] = qw
+                layer_rows.append(entry)
                 if on_module:
                     on_module(entry)
+                fault_point(f"module:{index}")
             hessians.clear()
+        if state is not None and saved is None:
+            state.save(index, layer_weights, layer_rows)
+            fault_point(f"layer:{index}")
         if needs_data:
             with torch.no_grad():
                 outputs = []
@@ -409,8 +432,15 @@ def quantize_model(
 
     if config.lm_head:
         head_name, head_cfg = _output_projection(model, spec, config)
+        saved = state.load(len(layers)) if state is not None else None
         if head_cfg is None:
             left_float[head_name] = "dynamic: left in float"
+        elif saved is not None:
+            head = get_submodule(model, head_name)
+            _untie(model, head)
+            set_linear_weight(head, saved[0][head_name].dequantize())
+            packed[head_name] = pack_module(saved[0][head_name], head_cfg.checkpoint_format)
+            rows.extend(ModuleLog(**r) for r in saved[1])
         else:
             t0 = time.perf_counter()
             head = get_submodule(model, head_name)
@@ -432,6 +462,9 @@ def quantize_model(
             rows.append(entry)
             if on_module:
                 on_module(entry)
+            if state is not None:
+                state.save(len(layers), {head_name: qw}, [entry])
+                fault_point(f"layer:{len(layers)}")
 
     dynamic = dict(config.dynamic)
     for full in left_float:

@@ -20,6 +20,10 @@
 // only where the CPU has it (the caller checks), so one build serves fp32 activations on any AVX-512 CPU.
 #define OPTQ_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
+#ifndef OPTQ_PREFETCH
+#define OPTQ_PREFETCH 1024  // bytes ahead in a tile's weight stream
+#endif
+
 namespace {
 
 constexpr int TILE_N = 64;
@@ -52,7 +56,7 @@ OPTQ_BF16 void tile_kernel(const uint16_t* x, int64_t ldx, const uint8_t* w, con
       for (int s = 0; s < 4; ++s) acc[r][s][0] = acc[r][s][1] = _mm512_setzero_ps();
     for (int64_t q = starts[g] / 4; q < starts[g + 1] / 4; ++q) {
       const uint8_t* wq = w + q * 128;
-      _mm_prefetch((const char*)(wq + 1024), _MM_HINT_T0);
+      _mm_prefetch((const char*)(wq + OPTQ_PREFETCH), _MM_HINT_T0);
       __m512bh xa[MB], xb[MB];
       for (int r = 0; r < MB; ++r) {
         xa[r] = bcast_pair(x + r * ldx + 4 * q);
@@ -99,7 +103,7 @@ void tile_kernel_f32(const float* x, int64_t ldx, const uint8_t* w, const float*
       for (int s = 0; s < 4; ++s) acc[r][s][0] = acc[r][s][1] = _mm512_setzero_ps();
     for (int64_t q = starts[g] / 4; q < starts[g + 1] / 4; ++q) {
       const uint8_t* wq = w + q * 128;
-      _mm_prefetch((const char*)(wq + 1024), _MM_HINT_T0);
+      _mm_prefetch((const char*)(wq + OPTQ_PREFETCH), _MM_HINT_T0);
       for (int s = 0; s < 4; ++s) {
         __m512i d = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(wq + 32 * s)));
         __m512 c0 = _mm512_cvtepi32_ps(_mm512_and_si512(d, nib));
@@ -146,7 +150,7 @@ void tile_kernel_u8(const float* x, int64_t ldx, const uint8_t* w, const float* 
       for (int s = 0; s < 4; ++s) acc[r][s][0] = acc[r][s][1] = _mm512_setzero_ps();
     for (int64_t k = starts[g]; k < starts[g + 1]; k += 2) {
       const uint8_t* wk = w + k * TILE_N;
-      _mm_prefetch((const char*)(wk + 1024), _MM_HINT_T0);
+      _mm_prefetch((const char*)(wk + OPTQ_PREFETCH), _MM_HINT_T0);
       for (int s = 0; s < 4; ++s) {
         __m512 c0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(wk + 16 * s))));
         __m512 c1 = _mm512_cvtepi32_ps(
