@@ -167,3 +167,35 @@ def test_lm_head_input_gets_canonical_strides():
 def test_native_kernel_builds_where_it_can():
     _require_native()  # skips without AVX-512 or a compiler, fails if the build itself failed
     assert native.load()
+
+
+def test_decode_attention_matches_sdpa(stories260k_model, tinystories_model, monkeypatch):
+    import transformers.integrations.sdpa_attention as sdpa_module
+
+    from optq.api import load_any
+    from optq.runtime.attention import NAME, use_decode_attention
+
+    for source in (stories260k_model, tinystories_model):
+        model, tok = load_any(source, "float32")
+        assert model.config._attn_implementation == "sdpa"
+        # Two prompts of different lengths, left-padded: the decode steps carry a padding mask.
+        tok.padding_side = "left"
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token or tok.unk_token
+        batch = tok(["Once upon a time there was", "The dog"], return_tensors="pt", padding=True)
+        kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, output_scores=True,
+                  return_dict_in_generate=True, pad_token_id=tok.pad_token_id)
+        with torch.no_grad():
+            ref = model.generate(**batch, **kw)
+            assert use_decode_attention(model) and model.config._attn_implementation == NAME
+            fallbacks = []
+            real = sdpa_module.sdpa_attention_forward
+            monkeypatch.setattr(sdpa_module, "sdpa_attention_forward",
+                                lambda *a, **k: fallbacks.append(a[1].shape[2]) or real(*a, **k))
+            out = model.generate(**batch, **kw)
+            monkeypatch.undo()
+        # Only the prompt (one call per layer) went to sdpa; every single-token step took the decode path.
+        assert len(fallbacks) == model.config.num_hidden_layers and all(q > 1 for q in fallbacks)
+        assert torch.equal(out.sequences, ref.sequences)
+        for a, b in zip(out.scores, ref.scores):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -12,6 +12,7 @@ from torch import nn
 from ..errors import OptqError
 from ..formats.gptq import CheckpointInfo, expected_shapes, open_checkpoint, quantized_module_names
 from ..models.loading import parse_dtype
+from .attention import use_decode_attention
 from .quant_linear import QuantLinear
 
 _QUANT_DTYPES = {"qweight": torch.int32, "qzeros": torch.int32, "scales": torch.float16, "g_idx": torch.int32}
@@ -142,8 +143,14 @@ def load(
         except ValueError as e:
             raise OptqError(f"{name}: {e}") from None
     canonical_lm_head_input(model)
+    if device_is_cpu(model):
+        use_decode_attention(model)
     _return_freed_memory()
     return model
+
+
+def device_is_cpu(model: nn.Module) -> bool:
+    return all(p.device.type == "cpu" for p in model.parameters())
 
 
 def canonical_lm_head_input(model: nn.Module) -> None:
