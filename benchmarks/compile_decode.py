@@ -39,9 +39,9 @@ def main() -> None:
     a = ap.parse_args()
 
     import torch
-    from transformers import CompileConfig
 
     from optq.api import load_any
+    from optq.runtime.compiled import use_compiled_decode
 
     model, _ = load_any(a.checkpoint, "auto")
     ids = torch.randint(0, 1000, (1, 32), generator=torch.Generator().manual_seed(0))
@@ -49,10 +49,7 @@ def main() -> None:
     with torch.inference_mode():
         model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
         rows["eager"] = step_ms(model, ids, a.new_tokens, a.runs)
-        model.generation_config.cache_implementation = "static"
-        cc = CompileConfig(fullgraph=False, dynamic=False, mode="default")
-        cc._compile_all_devices = True  # Transformers compiles only on accelerators unless told
-        model.generation_config.compile_config = cc
+        use_compiled_decode(model)  # what `optq generate/bench --compile` does
         t = time.perf_counter()
         model.generate(ids, max_new_tokens=a.new_tokens + 1, min_new_tokens=a.new_tokens + 1, do_sample=False,
                        pad_token_id=0)

@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--compile", action="store_true",
+                   help="static KV cache + torch.compile of the decode step (20-30 s to compile; pays on long runs)")
     p = sub.add_parser("inspect", help="config, per-module bits and groups, size on disk")
     p.add_argument("checkpoint")
     p.add_argument("--json", action="store_true")
@@ -90,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-tokens", type=int, default=512)
     p.add_argument("--runs", type=int, default=5, help="decode runs; the median is reported (default 5)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--compile", action="store_true",
+                   help="static KV cache + torch.compile of the decode step (compiled during the warm-up run)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
@@ -143,6 +147,10 @@ def cmd_generate(a) -> int:
     from .evaluate import generate
 
     model, tok = load_any(a.model, a.dtype, a.allow_pickle, a.trust_remote_code, a.backend)
+    if a.compile:
+        from .runtime.compiled import use_compiled_decode
+
+        use_compiled_decode(model)
     print(generate(model, tok, a.prompt, a.max_new_tokens, chat=a.chat))
     return 0
 
@@ -179,6 +187,10 @@ def cmd_bench(a) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     model, _ = load_any(a.model, a.dtype, a.allow_pickle, a.trust_remote_code, a.backend)
+    if a.compile:
+        from .runtime.compiled import use_compiled_decode
+
+        use_compiled_decode(model)
     res = decode_speed(model, a.prompt_tokens, a.new_tokens, a.prefill_tokens, a.runs)
     backends = sorted({m.backend for m in model.modules() if hasattr(m, "backend") and hasattr(m, "qweight")})
     dtype = str(next(p for p in model.parameters() if p.is_floating_point()).dtype).removeprefix("torch.")

@@ -56,7 +56,8 @@ def _replace_modules(model: nn.Module, info: CheckpointInfo) -> dict[str, QuantL
         else:
             raise OptqError(f"{name} is a {type(module).__name__}, not a linear layer: cannot hold a quantized weight")
         has_bias = f"{name}.bias" in info.tensor_files
-        ql = QuantLinear(in_f, out_f, mcfg.bits, mcfg.group_size, has_bias, quant.checkpoint_format)
+        with torch.device("meta"):  # placeholders only: the checkpoint's tensors replace every buffer
+            ql = QuantLinear(in_f, out_f, mcfg.bits, mcfg.group_size, has_bias, quant.checkpoint_format)
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, leaf, ql)
         replaced[name] = ql
@@ -132,7 +133,7 @@ def load(
         raise OptqError(f"the checkpoint has no tensor {absent[0]} ({len(absent)} missing): it is incomplete")
     if not isinstance(model.get_output_embeddings(), QuantLinear):
         model.tie_weights()  # a quantized lm_head has no float weight to tie (GPTQModel may leave the flag set)
-    meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    meta = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.device.type == "meta"]
     if meta:
         raise OptqError(f"the checkpoint has no tensor for {meta[0]} ({len(meta)} missing): it is incomplete")
     model.eval()
