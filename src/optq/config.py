@@ -44,7 +44,7 @@ class QuantizeConfig:
             raise OptqError(f"bits={self.bits} is not supported: use one of {', '.join(map(str, SUPPORTED_BITS))}")
         if not isinstance(self.group_size, int) or (self.group_size != -1 and self.group_size <= 0):
             raise OptqError(f"group_size={self.group_size} is invalid: use -1 (per channel) or a positive size")
-        if not (0 <= self.damp_percent <= 1):
+        if not isinstance(self.damp_percent, (int, float)) or not (0 <= self.damp_percent <= 1):
             raise OptqError(f"damp_percent={self.damp_percent} is out of range: use a value in [0, 1] (default 0.01)")
         if self.checkpoint_format not in CHECKPOINT_FORMATS:
             raise OptqError(
@@ -52,10 +52,12 @@ class QuantizeConfig:
             )
         if self.method not in METHODS:
             raise OptqError(f"method={self.method!r} is unknown: use one of {', '.join(METHODS)}")
-        if not (0 <= self.gptaq_alpha <= 1):
+        if not isinstance(self.gptaq_alpha, (int, float)) or not (0 <= self.gptaq_alpha <= 1):
             raise OptqError(f"gptaq_alpha={self.gptaq_alpha} is out of range: use a value in [0, 1] (default 0.25)")
         if self.static_groups and self.group_size == -1:
             raise OptqError("static_groups needs a group size: set group_size or drop static_groups")
+        if not isinstance(self.dynamic, dict) or not all(isinstance(v, dict) for v in self.dynamic.values()):
+            raise OptqError("dynamic must map '+:regex' / '-:regex' keys to objects of overrides")
         for key, override in self.dynamic.items():
             if not (key.startswith("+:") or key.startswith("-:")):
                 raise OptqError(f"dynamic key {key!r} must start with '+:' (override) or '-:' (skip)")
@@ -110,7 +112,20 @@ class QuantizeConfig:
         if str(method).lower() != "gptq":
             raise OptqError(f"quantization_config.quant_method={method!r}: optq reads only 'gptq' checkpoints")
         fmt = d.get("checkpoint_format", d.get("format", "gptq"))
-        kwargs = {
+        try:
+            kwargs = cls._hf_kwargs(d, fmt)
+        except (TypeError, ValueError) as e:
+            raise OptqError(f"checkpoint quantization_config holds a value of the wrong type: {e}") from None
+        if kwargs["bits"] is None:
+            raise OptqError("quantization_config has no 'bits' field: the checkpoint is incomplete")
+        try:
+            return cls(**kwargs)
+        except OptqError as e:
+            raise OptqError(f"checkpoint quantization_config: {e}") from None
+
+    @staticmethod
+    def _hf_kwargs(d: dict[str, Any], fmt: Any) -> dict[str, Any]:
+        return {
             "bits": d.get("bits"),
             "group_size": d.get("group_size", 128),
             "desc_act": bool(d.get("desc_act", False)),
@@ -123,9 +138,3 @@ class QuantizeConfig:
             "dynamic": d.get("dynamic") or {},
             "mse": bool(d.get("mse", 0)),
         }
-        if kwargs["bits"] is None:
-            raise OptqError("quantization_config has no 'bits' field: the checkpoint is incomplete")
-        try:
-            return cls(**kwargs)
-        except OptqError as e:
-            raise OptqError(f"checkpoint quantization_config: {e}") from None

@@ -29,12 +29,15 @@ def _build_skeleton(info: CheckpointInfo, dtype: torch.dtype, trust_remote_code:
         raise OptqError(f"{info.path}/config.json has no model_type")
     for k in ("dtype", "torch_dtype", "transformers_version"):
         cfg.pop(k, None)
+    # Transformers validates config values with its own exception types (ValueError, TypeError, strict
+    # dataclass errors, ...); for a file read from disk every one of them means "config.json is wrong".
     try:
-        config = AutoConfig.for_model(model_type, **cfg)
-    except ValueError as e:
-        raise OptqError(f"config.json: {e}") from None
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        config = AutoConfig.for_model(str(model_type), **cfg)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OptqError(f"{info.path}/config.json cannot describe a {model_type!r} model: {first}") from None
     return model
 
 
