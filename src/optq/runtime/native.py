@@ -65,7 +65,8 @@ def _build(cxx: str) -> Path:
     includes = [f"-I{p}" for p in cpp_extension.include_paths()]
     libdirs = cpp_extension.library_paths()
     libs = [f"-L{p}" for p in libdirs] + [f"-Wl,-rpath,{p}" for p in libdirs] + ["-ltorch", "-ltorch_cpu", "-lc10"]
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), cxx, abi, *FLAGS, torch.__version__, sys.version])
+    # The torch install (its path, for the rpath) is part of the key: each environment gets its own build.
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), cxx, abi, *FLAGS, torch.__version__, sys.version, *libdirs])
                          .encode()).hexdigest()[:16]
     target = cache_dir() / key / "q4_gemm.so"
     if target.exists():
