@@ -205,7 +205,11 @@ def test_output_exists_and_atomic_write(tinystories_model, tinystories_text, tmp
     with pytest.raises(OSError):
         _quantize(tinystories_model, out, tinystories_text)
     assert not out.exists()
-    assert list(tmp_path.iterdir()) == []  # no temporary folder left behind
+    # No half-written checkpoint folder is left behind; the finished layers are, for --resume.
+    assert [p.name for p in tmp_path.iterdir()] == [".q.optq-partial"]
+    monkeypatch.undo()
+    optq.quantize(tinystories_model, out, QuantizeConfig(), dataset=str(tinystories_text), resume=True, **CAL)
+    assert (out / "config.json").exists() and [p.name for p in tmp_path.iterdir()] == ["q"]
 
 
 def test_overwrite_replaces(tinystories_model, tinystories_text, tmp_path):
