@@ -2,7 +2,7 @@
 
 PyTorch's int4 CPU matmul converts every code to float32 and spends two FMAs on it; q4_gemm turns 32 codes
 into bfloat16 with two integer instructions and one VDPBF16PS, about 3x faster per weight (K=2048, N=8192,
-one row: 0.07 ms against 0.21 ms), so decode becomes bound by memory bandwidth rather than arithmetic.
+one row: 0.08 ms against 0.22 ms, benchmarks/kernels.py), so decode becomes bound by memory bandwidth.
 With float32 activations PyTorch's kernel is far slower still (11.6 ms for that shape, 4x a dense float32
 matmul), and q4_gemm's float32 path (one FMA per weight) replaces it.
 It needs AVX-512 (F, BW, VL; BF16 for bf16 activations) and a C++ compiler (the one torch.compile needs
