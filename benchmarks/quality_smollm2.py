@@ -94,6 +94,7 @@ def main() -> None:
             "optq-gptq": optq_cmd("quantize", str(float_dir), "", "--bits", str(bits), "--group-size",
                                   str(a.group_size), "--dataset", cal, "--nsamples", str(a.nsamples), "--seqlen",
                                   str(a.seqlen), "--seed", "0", "--compute-dtype", a.compute_dtype, "--quiet",
+                                  "--resume",  # an interrupted harness run continues where it stopped
                                   *(["--desc-act"] if a.desc_act else []), *a.optq_flags.split()),
         }
         if gq_python.exists():

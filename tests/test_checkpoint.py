@@ -1,5 +1,6 @@
 """The checkpoint contract on the real tiny models: files, determinism, sharding, formats, loading."""
 
+import errno
 import hashlib
 import json
 
@@ -199,10 +200,10 @@ def test_output_exists_and_atomic_write(tinystories_model, tinystories_text, tmp
     import optq.formats.gptq as fmt
 
     def broken(*a, **k):
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(fmt, "write_safetensors", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(OptqError, match=r"writing .*q failed: No space left on device.*free disk space"):
         _quantize(tinystories_model, out, tinystories_text)
     assert not out.exists()
     # No half-written checkpoint folder is left behind; the finished layers are, for --resume.

@@ -76,11 +76,14 @@ def quantize(
     progress: bool = True,
     on_module=None,
     resume: bool = False,
+    allow_rtn_fallback: bool = False,
 ) -> QuantizeReport:
     """Quantize `model` (a Hugging Face folder or a .gguf file) and write a GPTQ checkpoint to `out`.
 
     Finished layers are kept beside `out` until the checkpoint is complete; `resume=True` continues an
-    interrupted run from them (same model, config and calibration), byte-identically."""
+    interrupted run from them (same model, config and calibration), byte-identically. A module GPTQ cannot
+    solve is an error unless `allow_rtn_fallback`, which rounds it to nearest and lists it in the
+    checkpoint's quantization_config.meta.rtn_fallback."""
     started = time.perf_counter()
     config = config or QuantizeConfig()
     out_dtype = parse_dtype(dtype)
@@ -94,10 +97,12 @@ def quantize(
     fingerprint = {"optq": __version__, "model": str(src.path), "config": config.to_hf(),
                    "calibration tokens": windows_digest(windows), "compute dtype": str(cdtype), "device": device,
                    "model config": _model_config_dict(src.model)}
+    if allow_rtn_fallback:  # only when set, so that runs interrupted before the option existed still resume
+        fingerprint["allow rtn fallback"] = True
     state = RunState(out, fingerprint, resume=resume, overwrite=overwrite)
     fault_point("calibration")
     result = quantize_model(src.model, windows, config, device=device, compute_dtype=cdtype, progress=progress,
-                            on_module=on_module, state=state)
+                            on_module=on_module, state=state, allow_rtn_fallback=allow_rtn_fallback)
     calibration = None
     if windows is not None:
         calibration = {"dataset": str(dataset), "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
@@ -123,6 +128,8 @@ def save_quantized(
     meta = {"quantizer": [f"optq:{__version__}"], "method": result.config.method}
     if calibration:
         meta["calibration"] = calibration
+    if result.rtn_fallback:
+        meta["rtn_fallback"] = result.rtn_fallback
     tensors = checkpoint_tensors(model.state_dict(), result.modules, out_dtype)
     with folder as tmp:
         write_checkpoint(tmp, _model_config_dict(model), result.config.to_hf(meta), tensors,

@@ -47,6 +47,9 @@ def _add_quantize(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace OUT (and any interrupted run of it) if it exists")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run of the same command from its last finished layer")
+    p.add_argument("--allow-rtn-fallback", action="store_true",
+                   help="round a module GPTQ cannot solve (no calibration tokens, e.g. an unrouted MoE expert, or "
+                        "a Hessian no damping fixes) to nearest instead of stopping; listed in the checkpoint's meta")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin) weights")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-module log")
@@ -113,12 +116,13 @@ def cmd_quantize(a) -> int:
 
     def show(entry):
         tqdm.write(f"layer {entry.layer:3d} {entry.module:45s} loss {entry.loss:12.4f} damp {entry.damp:.4g} "
-                   f"tokens {entry.samples} {entry.seconds:6.2f}s")
+                   f"tokens {entry.samples} {entry.seconds:6.2f}s" + (f"  ({entry.note})" if entry.note else ""))
 
     report = quantize(
         a.model, a.out, config, dataset=a.dataset, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
         max_shard_size=a.max_shard_size, dtype=a.dtype, compute_dtype=a.compute_dtype, device=a.device,
-        overwrite=a.overwrite, resume=a.resume, allow_pickle=a.allow_pickle, trust_remote_code=a.trust_remote_code,
+        overwrite=a.overwrite, resume=a.resume, allow_rtn_fallback=a.allow_rtn_fallback, allow_pickle=a.allow_pickle,
+        trust_remote_code=a.trust_remote_code,
         progress=not a.quiet, on_module=None if a.quiet else show,
     )
     print(f"wrote {report.path} ({len(report.result.modules)} quantized modules) in {report.seconds:.1f}s")

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .config import QuantizeConfig
-from .core.gptq import HessianAccumulator, gptq_solve
+from .core.gptq import HessianAccumulator, NotPositiveDefiniteError, gptq_solve
 from .core.grid import QuantizedWeight, rtn_quantize
 from .errors import OptqError
 from .formats.gptq import module_packable, pack_module
@@ -48,6 +48,9 @@ class ModuleLog:
                 self.samples, f"{self.seconds:.3f}", self.note]
 
 
+RTN_FALLBACK = "rtn fallback"  # ModuleLog.note prefix of a module rounded to nearest instead of solved
+
+
 @dataclass
 class QuantizedModel:
     """What the pipeline produced: the packed tensors of each quantized module, plus the record."""
@@ -56,6 +59,12 @@ class QuantizedModel:
     config: QuantizeConfig  # with `dynamic` extended by modules left in float
     log: list[ModuleLog] = field(default_factory=list)
     seconds: float = 0.0
+
+    @property
+    def rtn_fallback(self) -> dict[str, str]:
+        """Modules GPTQ could not solve that were rounded to nearest (--allow-rtn-fallback), with the reason."""
+        return {r.module: r.note.removeprefix(RTN_FALLBACK + ": ") for r in self.log
+                if r.note.startswith(RTN_FALLBACK)}
 
 
 # ---- weights of Linear and GPT-2's Conv1D ---------------------------------------------------------------
@@ -316,6 +325,32 @@ def _solve_one(
     return res.weight, res.loss, res.damp_percent
 
 
+def _solve_module(
+    w: torch.Tensor, acc: HessianAccumulator | None, mcfg: QuantizeConfig, where: str, allow_rtn_fallback: bool
+) -> tuple[QuantizedWeight, float, float, str]:
+    """(weight, loss, damp, log note) for one module. A module GPTQ cannot solve (no calibration tokens
+    reached it, as happens to an MoE expert no token is routed to, or a Hessian no damping makes positive
+    definite) is an error, or with `allow_rtn_fallback` is rounded to nearest and says so in its note."""
+    if mcfg.method == "rtn" or acc is None:
+        return (*_solve_one(w, None, mcfg), "")
+    if acc.tokens == 0:
+        reason = "no calibration tokens reached it"
+    else:
+        h = acc.hessian()
+        if not torch.isfinite(h).all():
+            raise OptqError(f"{where}: its inputs on the calibration data hold NaN or Inf; check the model's "
+                            "weights, or calibrate in float32 (--compute-dtype float32) if float16 overflows")
+        try:
+            return (*_solve_one(w, h, mcfg, acc.cross_term()), "")
+        except NotPositiveDefiniteError as e:
+            reason = str(e)
+    if not allow_rtn_fallback:
+        raise OptqError(f"{where}: GPTQ cannot solve it: {reason}; pass --allow-rtn-fallback to round it to "
+                        "nearest instead (recorded in the checkpoint's quantization_config.meta.rtn_fallback)")
+    log.warning("%s: %s; rounded to nearest instead (--allow-rtn-fallback)", where, reason)
+    return rtn_quantize(w, mcfg.grid(), mcfg.group_size), 0.0, 0.0, f"{RTN_FALLBACK}: {reason}"
+
+
 def quantize_model(
     model: nn.Module,
     windows: list[torch.Tensor] | None,
@@ -325,6 +360,7 @@ def quantize_model(
     progress: bool = True,
     on_module: Callable[[ModuleLog], None] | None = None,
     state: RunState | None = None,
+    allow_rtn_fallback: bool = False,
 ) -> QuantizedModel:
     """Quantize `model` in place (its linear weights become the dequantized values) and return the packed
     tensors. `windows` are calibration token windows [1, L]; RTN needs none. With `state`, each finished
@@ -375,9 +411,7 @@ def quantize_model(
             rows.extend(ModuleLog(**r) for r in saved_rows)
             plan = []  # nothing left to solve in this layer
         for members in plan:
-            hessians = {}
-            cross_terms = {}
-            tokens = {}
+            accs: dict[str, HessianAccumulator] = {}
             if needs_data:
                 collector = _GroupCollector({loc: get_submodule(work, loc) for loc, _, _ in members}, device,
                                             asymmetric=asymmetric)
@@ -385,31 +419,32 @@ def quantize_model(
                     collector.run(work, inputs, float_layer, float_inputs)
                 finally:
                     collector.remove()
-                for loc, _, _ in members:
-                    hessians[loc] = collector.acc[loc].hessian()
-                    cross_terms[loc] = collector.acc[loc].cross_term()
-                    tokens[loc] = collector.acc[loc].tokens
+                # a module the forward never reached (an MoE expert no token was routed to) has no accumulator
+                accs = {loc: collector.acc.get(loc) or HessianAccumulator(
+                    linear_shape(get_submodule(work, loc))[0], device=device, asymmetric=asymmetric)
+                    for loc, _, _ in members}
             for loc, full, mcfg in members:
                 t0 = time.perf_counter()
                 module = get_submodule(layer, loc)
                 w = linear_weight(module).float()
                 if not torch.isfinite(w).all():
                     raise OptqError(f"layer {index} module {full}: the weight holds NaN or Inf")
-                qw, loss, damp = _solve_one(w, hessians.get(loc), mcfg, cross_terms.get(loc))
+                qw, loss, damp, note = _solve_module(w, accs.get(loc), mcfg, f"layer {index} module {full}",
+                                                     allow_rtn_fallback)
                 deq = qw.dequantize()
                 set_linear_weight(module, deq)
                 if work is not layer:
                     set_linear_weight(get_submodule(work, loc), deq)
                 packed[full] = pack_module(qw, mcfg.checkpoint_format)
-                entry = ModuleLog(index, full, mcfg.bits, mcfg.group_size, loss, damp, tokens.get(loc, 0),
-                                  time.perf_counter() - t0)
+                entry = ModuleLog(index, full, mcfg.bits, mcfg.group_size, loss, damp,
+                                  accs[loc].tokens if loc in accs else 0, time.perf_counter() - t0, note)
                 rows.append(entry)
                 layer_weights[full] = qw
                 layer_rows.append(entry)
                 if on_module:
                     on_module(entry)
                 fault_point(f"module:{index}")
-            hessians.clear()
+            accs.clear()
         if state is not None and saved is None:
             state.save(index, layer_weights, layer_rows)
             fault_point(f"layer:{index}")
@@ -444,7 +479,6 @@ def quantize_model(
         else:
             t0 = time.perf_counter()
             head = get_submodule(model, head_name)
-            hessian = cross = None
             acc = None
             if needs_data:
                 norm = copy.deepcopy(get_submodule(model, spec.final_norm)).to(device=device, dtype=compute_dtype)
@@ -452,13 +486,13 @@ def quantize_model(
                 with torch.no_grad():
                     for j, (hidden, _, _) in enumerate(inputs):
                         acc.add(norm(hidden), x_ref=norm(float_hidden[j]) if asymmetric else None)
-                hessian, cross = acc.hessian(), acc.cross_term()
             _untie(model, head)
-            qw, loss, damp = _solve_one(linear_weight(head).float(), hessian, head_cfg, cross)
+            qw, loss, damp, note = _solve_module(linear_weight(head).float(), acc, head_cfg, f"module {head_name}",
+                                                 allow_rtn_fallback)
             set_linear_weight(head, qw.dequantize())
             packed[head_name] = pack_module(qw, head_cfg.checkpoint_format)
             entry = ModuleLog(len(layers), head_name, head_cfg.bits, head_cfg.group_size, loss, damp,
-                              acc.tokens if acc is not None else 0, time.perf_counter() - t0)
+                              acc.tokens if acc is not None else 0, time.perf_counter() - t0, note)
             rows.append(entry)
             if on_module:
                 on_module(entry)

@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .core.grid import QuantizedWeight
 from .errors import OptqError
+from .formats.gptq import save_safetensors, write_failure
 
 log = logging.getLogger("optq")
 
@@ -73,8 +73,12 @@ class RunState:
                 raise OptqError(f"{self.dest}: an interrupted run was found ({done} layer(s) done, in {self.dir}): "
                                 "pass --resume to continue it, or --overwrite to start over")
             shutil.rmtree(self.dir)
-        self.dir.mkdir()
-        self._write_json(self.dir / FINGERPRINT, self.fingerprint)
+        try:
+            self.dir.mkdir()
+            self._write_json(self.dir / FINGERPRINT, self.fingerprint)
+        except OSError as e:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise OptqError(write_failure(self.dest, e)) from None
 
     def _check(self, done: int) -> None:
         try:
@@ -129,10 +133,14 @@ class RunState:
         meta = {"modules": modules, "rows": [dataclasses.asdict(r) for r in rows]}
         path = self._layer_file(index)
         tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"optq": json.dumps(meta)})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            save_safetensors(tensors, tmp, {"optq": json.dumps(meta)})
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise OptqError(write_failure(self.dest, e)) from None
 
     def finish(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -4,6 +4,7 @@ sharded safetensors, config files, atomic write, and validated reading.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -117,12 +118,12 @@ def write_safetensors(folder: Path, tensors: dict[str, torch.Tensor], max_shard_
         size += n
     meta = {"format": "pt"}
     if len(shards) == 1:
-        save_file(shards[0], str(folder / SINGLE_FILE), metadata=meta)
+        save_safetensors(shards[0], folder / SINGLE_FILE, meta)
         return [SINGLE_FILE]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     for fname, shard in zip(names, shards):
-        save_file(shard, str(folder / fname), metadata=meta)
+        save_safetensors(shard, folder / fname, meta)
         weight_map.update({k: fname for k in shard})
     index = {
         "metadata": {"total_size": sum(_nbytes(t) for t in tensors.values())},
@@ -134,6 +135,27 @@ def write_safetensors(folder: Path, tensors: dict[str, torch.Tensor], max_shard_
 
 def write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors' save_file, with its I/O failures (reported as SafetensorError text) raised as OSError."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except Exception as e:
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+
+
+def write_failure(dest: Path, e: OSError) -> str:
+    """One line for an OS error while writing `dest`: what failed and what to do."""
+    what = e.strerror or str(e)
+    hint = {errno.ENOSPC: "free disk space", errno.EDQUOT: "free space in your disk quota",
+            errno.EFBIG: "raise the file size limit (ulimit -f)", errno.EACCES: "fix the folder's permissions",
+            errno.EPERM: "fix the folder's permissions", errno.EROFS: "write to a writable file system"}
+    return (f"writing {dest} failed: {what} ({e.filename or dest}); nothing was left at {dest}: "
+            f"{hint.get(e.errno, 'fix the cause')} and run again (--resume keeps the layers already quantized)")
 
 
 class AtomicFolder:
@@ -151,16 +173,22 @@ class AtomicFolder:
         if not parent.exists():
             raise OptqError(f"the parent folder of {self.dest} does not exist: create it first")
         if not os.access(parent, os.W_OK):
-            raise OptqError(f"no permission to write in {parent}")
+            raise OptqError(f"no permission to write in {parent}: choose another output folder or fix its "
+                            "permissions")
         self.tmp = parent / f".{self.dest.name}.optq-tmp-{uuid.uuid4().hex[:8]}"
 
     def __enter__(self) -> Path:
-        self.tmp.mkdir()
+        try:
+            self.tmp.mkdir()
+        except OSError as e:
+            raise OptqError(write_failure(self.dest, e)) from None
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            if isinstance(exc, OSError):  # disk full, file size limit, permissions changed under us
+                raise OptqError(write_failure(self.dest, exc)) from None
             return False
         # safetensors creates files readable by the owner only; a checkpoint is meant to be shared.
         umask = os.umask(0)
@@ -242,7 +270,8 @@ def open_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
     else:
         files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise OptqError(f"{path} has no safetensors weight files")
+        raise OptqError(f"{path} has no safetensors weight files: the checkpoint is incomplete (copy its "
+                        "*.safetensors files in) or this folder is not a checkpoint")
     tensor_files: dict[str, Path] = {}
     for f in files:
         if not f.is_file():

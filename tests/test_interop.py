@@ -1,0 +1,77 @@
+"""Checkpoints made by other tools load in optq and compute what those tools compute.
+
+The GPTQModel fixtures (tests/fixtures/gptqmodel, made by tests/fixtures/make_gptqmodel_fixtures.py with
+GPTQModel 7.7) hold GPTQModel's checkpoint and GPTQModel's own dequantized weights and logits.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import optq
+from optq.runtime.quant_linear import QuantLinear
+
+FIXTURES = Path(__file__).parent / "fixtures"
+GPTQMODEL = sorted(p for p in (FIXTURES / "gptqmodel").iterdir() if (p / "reference.safetensors").exists())
+
+
+def _reference(folder: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(folder / "reference.safetensors"), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_fixtures_present():
+    names = {p.name for p in GPTQMODEL}
+    assert {"sym4_g32", "asym4_g32", "asym4_g32_v2", "act4_g32", "sym3_g32", "act3_asym_g32", "sym8_perchannel",
+            "sym2_g32", "dynamic"} <= names
+
+
+@pytest.mark.parametrize("folder", GPTQMODEL, ids=[p.name for p in GPTQMODEL])
+def test_gptqmodel_checkpoint_matches_gptqmodel(folder):
+    ref = _reference(folder)
+    model = optq.load(folder, dtype="float32", backend="reference")
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    weights = {k.removesuffix(".weight"): v for k, v in ref.items() if k.endswith(".weight")}
+    # layer 0's weights are in the reference; modules GPTQModel left in float are float here too
+    assert {n for n in quantized if ".layers.0." in n} == set(weights)
+    for name, w_ref in weights.items():
+        w = quantized[name].dequantize_weight()
+        # GPTQModel dequantizes in float16; optq in float32 from the same float16 scales
+        torch.testing.assert_close(w, w_ref.float(), rtol=2e-3, atol=2e-5, msg=lambda m: f"{name}: {m}")
+    with torch.no_grad():
+        logits = model(ref["input_ids"]).logits
+    err = (logits - ref["logits"]).abs().max().item()
+    scale = ref["logits"].abs().max().item()
+    assert err <= 0.01 * scale, f"max |logit difference| {err:.4g} vs logit scale {scale:.3g}"
+
+
+def test_dynamic_overrides_are_honoured():
+    folder = FIXTURES / "gptqmodel" / "dynamic"
+    model = optq.load(folder, dtype="float32", backend="reference")
+    up1 = model.get_submodule("model.layers.1.mlp.up_proj")
+    up0 = model.get_submodule("model.layers.0.mlp.up_proj")
+    assert (up1.bits, up1.group_size) == (8, 64) and (up0.bits, up0.group_size) == (4, 32)
+    for i in range(2):
+        assert type(model.get_submodule(f"model.layers.{i}.mlp.down_proj")) is torch.nn.Linear
+
+
+def test_zero_point_convention_is_what_decides(tmp_path):
+    """Negative control: the same asymmetric tensors read with the other zero-point convention do not match
+    GPTQModel's weights, so the comparison above would catch an off-by-one."""
+    src = FIXTURES / "gptqmodel" / "asym4_g32"
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    for fname in ("config.json", "quantize_config.json"):
+        cfg = json.loads((bad / fname).read_text())
+        q = cfg.get("quantization_config", cfg)
+        q["checkpoint_format"] = "gptq_v2"
+        (bad / fname).write_text(json.dumps(cfg))
+    ref = _reference(src)
+    model = optq.load(bad, dtype="float32", backend="reference")
+    name = "model.layers.0.self_attn.q_proj"
+    w = model.get_submodule(name).dequantize_weight()
+    assert not torch.allclose(w, ref[f"{name}.weight"].float(), rtol=2e-3, atol=2e-5)
