@@ -167,9 +167,10 @@ def cmd_inspect(a) -> int:
         print(json.dumps(info, indent=2))
         return 0
     q = info["quantization_config"]
-    print(f"checkpoint {info['path']}")
+    print(f"checkpoint {info['path']} ({info['format']})")
     print("quantization_config: " + ", ".join(f"{k}={q[k]}" for k in
-          ("bits", "group_size", "desc_act", "sym", "static_groups", "checkpoint_format") if k in q))
+          ("quant_method", "format", "bits", "group_size", "desc_act", "sym", "static_groups", "checkpoint_format")
+          if k in q))
     print(f"{'module':50s} {'in':>6s} {'out':>6s} {'bits':>4s} {'group':>5s} {'groups':>6s}")
     for m in info["modules"]:
         print(f"{m['name']:50s} {m['in_features']:6d} {m['out_features']:6d} {m['bits']:4d} "

@@ -22,9 +22,14 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
     quant_names = quantized_module_names(info)
     for name in quant_names:
         mcfg = info.quant.for_module(name) or info.quant
-        in_f = shapes[f"{name}.g_idx"][0]
-        out_f = shapes[f"{name}.scales"][1]
-        groups = shapes[f"{name}.scales"][0]
+        if info.source == "gptq":
+            in_f = shapes[f"{name}.g_idx"][0]
+            groups, out_f = shapes[f"{name}.scales"]
+        else:  # compressed-tensors: weight_scale [out, groups], weight_shape (out, in)
+            out_f, groups = shapes[f"{name}.weight_scale"]
+            with safe_open(str(info.tensor_files[f"{name}.weight_packed"]), framework="pt") as sf:
+                in_f = (int(sf.get_tensor(f"{name}.weight_shape")[1]) if f"{name}.weight_shape" in sf.keys()
+                        else groups * mcfg.group_size)
         modules.append({"name": name, "in_features": in_f, "out_features": out_f, "bits": mcfg.bits,
                         "group_size": mcfg.group_size, "groups": groups})
         fp16_bytes += 2 * in_f * out_f
@@ -39,6 +44,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
     float_modules = sorted(k[2:] for k in info.quant.dynamic if k.startswith("-:"))
     return {
         "path": str(info.path),
+        "format": info.source,
         "quantization_config": info.quant_raw,
         "modules": modules,
         "float_modules": float_modules,

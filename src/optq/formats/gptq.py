@@ -13,7 +13,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors import safe_open
@@ -23,6 +23,7 @@ from ..config import QuantizeConfig
 from ..core.grid import QuantizedWeight
 from ..core.packing import pack, pack_cols, packable, unpack, unpack_cols
 from ..errors import OptqError
+from . import compressed_tensors
 
 QUANT_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
 SINGLE_FILE = "model.safetensors"
@@ -217,6 +218,7 @@ class CheckpointInfo:
     quant_raw: dict[str, Any]
     weight_files: list[Path]
     tensor_files: dict[str, Path]  # tensor name -> file
+    source: str = "gptq"  # how the quantized modules are stored: "gptq" or "compressed-tensors"
 
 
 def read_quantization_config(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -257,7 +259,8 @@ def open_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
     config, quant_raw = read_quantization_config(path)
     if quant_raw is None:
         raise OptqError(f"{path} has no quantization_config in config.json nor a quantize_config.json")
-    quant = QuantizeConfig.from_hf(quant_raw)
+    source = compressed_tensors.QUANT_METHOD if compressed_tensors.is_compressed_tensors(quant_raw) else "gptq"
+    quant = QuantizeConfig.from_hf(quant_raw) if source == "gptq" else None
     index = path / INDEX_FILE
     if index.is_file():
         try:
@@ -282,11 +285,39 @@ def open_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
                     tensor_files[k] = f
         except Exception as e:  # safetensors raises its own error types for bad headers
             raise OptqError(f"{f} is not a valid safetensors file ({e}): the file is truncated or corrupt") from None
-    return CheckpointInfo(path, config, quant, quant_raw, files, tensor_files)
+    if quant is None:
+        quant = compressed_tensors.read_config(quant_raw, compressed_tensors.quantized_module_names(tensor_files))
+    return CheckpointInfo(path, config, quant, quant_raw, files, tensor_files, source)
 
 
 def quantized_module_names(info: CheckpointInfo) -> list[str]:
+    if info.source == compressed_tensors.QUANT_METHOD:
+        return compressed_tensors.quantized_module_names(info.tensor_files)
     return sorted({k[: -len(".qweight")] for k in info.tensor_files if k.endswith(".qweight")})
+
+
+def iter_tensors(info: CheckpointInfo, shapes: dict[str, tuple[int, int]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every tensor of the checkpoint, file by file; the quantized modules (`shapes`: name ->
+    (in, out) features) as GPTQ tensors, whatever format the checkpoint stores them in."""
+
+    def raw() -> Iterator[tuple[str, torch.Tensor]]:
+        for file in info.weight_files:
+            with safe_open(str(file), framework="pt") as sf:
+                for key in sf.keys():
+                    yield key, sf.get_tensor(key)
+
+    if info.source != compressed_tensors.QUANT_METHOD:
+        yield from raw()
+        return
+
+    def pack(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+        try:
+            return pack_module(qw, info.quant.checkpoint_format)
+        except ValueError as e:  # a shape the GPTQ layout (and so optq's kernels) cannot hold
+            raise OptqError(f"a {qw.bits}-bit module of shape {tuple(qw.qweight.shape)} cannot be run by optq: {e}") \
+                from None
+
+    yield from compressed_tensors.iter_converted(raw(), info.quant, shapes, pack)
 
 
 def _checkpoint_tensor(name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -6,11 +6,10 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from ..errors import OptqError
-from ..formats.gptq import CheckpointInfo, expected_shapes, open_checkpoint, quantized_module_names
+from ..formats.gptq import CheckpointInfo, expected_shapes, iter_tensors, open_checkpoint, quantized_module_names
 from ..models.loading import parse_dtype
 from .attention import use_decode_attention
 from .quant_linear import QuantLinear
@@ -101,36 +100,34 @@ def load(
     model = _build_skeleton(info, torch_dtype, trust_remote_code)
     qmods = _replace_modules(model, info)
     loaded: set[str] = set()
-    for file in info.weight_files:
-        with safe_open(str(file), framework="pt") as sf:
-            for key in sf.keys():
-                module_name, _, leaf = key.rpartition(".")
-                t = sf.get_tensor(key)
-                if module_name in qmods:
-                    ql = qmods[module_name]
-                    _check_quant_tensor(module_name, leaf, t, ql)
-                    if leaf == "g_idx":
-                        groups = ql.scales.shape[0]
-                        if t.numel() and (t.min() < 0 or t.max() >= groups):
-                            raise OptqError(f"{key} holds group indices outside [0, {groups})")
-                    ql._buffers[leaf] = t.to(torch.float16) if leaf in ("scales", "bias") else t
-                    loaded.add(key)
-                    continue
-                try:
-                    owner = model.get_submodule(module_name) if module_name else model
-                except AttributeError:
-                    raise OptqError(f"tensor {key} does not belong to this model architecture") from None
-                if leaf in owner._parameters:
-                    cur = owner._parameters[leaf]
-                    if tuple(cur.shape) != tuple(t.shape):
-                        raise OptqError(f"{key} has shape {tuple(t.shape)}, expected {tuple(cur.shape)}")
-                    # copy=True: a tensor still backed by the file's memory map would keep the whole map,
-                    # every page already read included, in the process's RSS (+0.5 GB on a 1B model).
-                    owner._parameters[leaf] = nn.Parameter(t.to(torch_dtype, copy=True), requires_grad=False)
-                elif leaf in owner._buffers:
-                    owner._buffers[leaf] = t.to(torch_dtype if t.is_floating_point() else t.dtype, copy=True)
-                else:
-                    raise OptqError(f"tensor {key} does not belong to this model architecture")
+    shapes = {name: (ql.in_features, ql.out_features) for name, ql in qmods.items()}
+    for key, t in iter_tensors(info, shapes):
+        module_name, _, leaf = key.rpartition(".")
+        if module_name in qmods:
+            ql = qmods[module_name]
+            _check_quant_tensor(module_name, leaf, t, ql)
+            if leaf == "g_idx":
+                groups = ql.scales.shape[0]
+                if t.numel() and (t.min() < 0 or t.max() >= groups):
+                    raise OptqError(f"{key} holds group indices outside [0, {groups})")
+            ql._buffers[leaf] = t.to(torch.float16) if leaf in ("scales", "bias") else t
+            loaded.add(key)
+            continue
+        try:
+            owner = model.get_submodule(module_name) if module_name else model
+        except AttributeError:
+            raise OptqError(f"tensor {key} does not belong to this model architecture") from None
+        if leaf in owner._parameters:
+            cur = owner._parameters[leaf]
+            if tuple(cur.shape) != tuple(t.shape):
+                raise OptqError(f"{key} has shape {tuple(t.shape)}, expected {tuple(cur.shape)}")
+            # copy=True: a tensor still backed by the file's memory map would keep the whole map,
+            # every page already read included, in the process's RSS (+0.5 GB on a 1B model).
+            owner._parameters[leaf] = nn.Parameter(t.to(torch_dtype, copy=True), requires_grad=False)
+        elif leaf in owner._buffers:
+            owner._buffers[leaf] = t.to(torch_dtype if t.is_floating_point() else t.dtype, copy=True)
+        else:
+            raise OptqError(f"tensor {key} does not belong to this model architecture")
     absent = [f"{n}.{leaf}" for n in qmods for leaf in _QUANT_DTYPES if f"{n}.{leaf}" not in loaded]
     if absent:
         raise OptqError(f"the checkpoint has no tensor {absent[0]} ({len(absent)} missing): it is incomplete")
