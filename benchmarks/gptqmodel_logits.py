@@ -2,8 +2,9 @@
 
     python gptqmodel_logits.py IDS.safetensors OUT.safetensors CHECKPOINT [CHECKPOINT ...]
 
-Loads each checkpoint with GPTQModel's torch kernel on CPU in float32 and writes `<i>.logits` for the
-`input_ids` in IDS, plus each quantized module's dequantized weight as `<i>.<module>.weight`.
+Loads each checkpoint with GPTQModel's torch kernel on CPU in float16 (its only CPU dtypes: fp16, bf16) and
+writes `<i>.logits` for the `input_ids` in IDS, plus each quantized module's dequantized weight as
+`<i>.<module>.weight`.
 """
 
 import os
@@ -22,7 +23,7 @@ def main() -> None:
     ids = load_file(ids_file)["input_ids"]
     out = {}
     for i, path in enumerate(checkpoints):
-        model = GPTQModel.load(path, backend=BACKEND.GPTQ_TORCH, device="cpu", dtype=torch.float32)
+        model = GPTQModel.load(path, backend=BACKEND.GPTQ_TORCH, device="cpu", dtype=torch.float16)
         with torch.no_grad():
             out[f"{i}.logits"] = model.model(ids).logits.float().contiguous()
             for name, m in model.model.named_modules():
