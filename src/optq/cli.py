@@ -189,6 +189,9 @@ def cmd_quantize(a) -> int:
 
     if gguf_out is not None:
         return _quantize_to_gguf(a, config, gguf_out, show)
+    if a.asym and fmt == "gptq":
+        log.warning("asymmetric v1 ('gptq') checkpoint: GPTQModel 7.7 refuses to load asymmetric v1 checkpoints "
+                    "that GPTQModel did not make; pass --format gptq_v2 if it is meant for GPTQModel")
     report = quantize(
         a.model, a.out, config, dataset=a.dataset, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
         max_shard_size=a.max_shard_size, dtype=a.dtype, compute_dtype=a.compute_dtype, device=a.device,
