@@ -223,11 +223,7 @@ def export_gguf(
                                       T.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0}[gtype]
         # a tied output projection has no tensor of its own: llama.cpp then reads token_embd
         for key, t in floats.items():
-            if key.endswith(".bias") and key.rpartition(".")[0] in qmods:
-                module = key.rpartition(".")[0]
-                if permute and re.search(r"\.(q_proj|k_proj)$", module):
-                    t = _permute_rows(t, n_head if module.endswith("q_proj") else n_kv)
-            elif permute and re.search(r"\.(q_proj|k_proj)\.(weight|bias)$", key):
+            if permute and re.search(r"\.(q_proj|k_proj)\.(weight|bias)$", key):  # biases of quantized ones too
                 t = _permute_rows(t, n_head if ".q_proj." in key else n_kv)
             gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
             if gguf_name is None:
