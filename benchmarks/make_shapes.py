@@ -6,7 +6,8 @@ Writes, under --out (default bench-output/shapes):
   <shape>.q4_0.gguf   that file quantized to Q4_0 by llama.cpp itself (llama-cpp-python's llama_model_quantize)
 Nothing here is committed: it is rebuilt from the seed.
 
-Usage: python benchmarks/make_shapes.py [--shapes llama-1b,llama-3b] [--out bench-output/shapes]
+Usage: python benchmarks/make_shapes.py [--shapes llama-1b,llama-3b,llama-8b] [--out bench-output/shapes]
+(llama-8b: the HF folder only, 16 GB, written a tensor at a time; for benchmarks/quantize_speed.py)
 """
 
 from __future__ import annotations
@@ -27,15 +28,21 @@ SHAPES = {
                      num_key_value_heads=8),
     "llama-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
                      num_key_value_heads=8),
+    # Llama 3.1 8B, with its own vocabulary size (16 GB in bf16); SmolLM2's token ids all fall inside it.
+    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
 }
 VOCAB = 49152
+# Shapes written tensor by tensor (never the whole model in memory), and without a GGUF twin.
+STREAMED = {"llama-8b"}
 
 
 def hf_config(shape: str):
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=VOCAB, max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0,
-                       tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, **SHAPES[shape])
+    kw = {"vocab_size": VOCAB, "tie_word_embeddings": True, **SHAPES[shape]}
+    return LlamaConfig(max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0, bos_token_id=1,
+                       eos_token_id=2, **kw)
 
 
 def make_hf(shape: str, folder: Path, seed: int) -> None:
@@ -54,6 +61,39 @@ def make_hf(shape: str, folder: Path, seed: int) -> None:
                 p.normal_(0.0, 0.02)
     model.save_pretrained(folder, max_shard_size="4GB")
     load_tokenizer(smollm2_gguf_path(), is_gguf=True).save_pretrained(folder)
+
+
+def make_hf_streamed(shape: str, folder: Path, seed: int, shard: str = "5GB") -> None:
+    """The same as make_hf, one tensor (and one slice of rows) at a time through optq's streaming safetensors
+    writer: an 8B model is written with a few hundred MB of memory. Every tensor has its own seeded generator."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from optq.formats.gptq import SAFETENSORS_METADATA, parse_size
+    from optq.formats.safetensors_writer import SafetensorsWriter, TensorSpec
+    from optq.models.loading import load_tokenizer, smollm2_gguf_path
+
+    cfg = hf_config(shape)
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    params = list(skeleton.state_dict().items())
+    tmp = folder.with_name(folder.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    writer = SafetensorsWriter(tmp, [TensorSpec(k, torch.bfloat16, tuple(t.shape)) for k, t in params],
+                               parse_size(shard), SAFETENSORS_METADATA)
+    for i, (name, t) in enumerate(params):
+        if t.dim() == 1:  # norms
+            writer.write(name, torch.ones(t.shape, dtype=torch.bfloat16))
+            continue
+        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        step = max(1, (32 << 20) // t.shape[1])
+        for r in range(0, t.shape[0], step):
+            rows = min(step, t.shape[0] - r)
+            writer.write(name, (torch.randn(rows, t.shape[1], generator=g) * 0.02).to(torch.bfloat16), row=r)
+    writer.close()
+    cfg.save_pretrained(tmp)
+    load_tokenizer(smollm2_gguf_path(), is_gguf=True).save_pretrained(tmp)
+    tmp.rename(folder)
 
 
 def make_gguf(shape: str, path: Path, seed: int) -> None:
@@ -121,8 +161,10 @@ def ensure(shape: str, out: Path, seed: int = 0) -> tuple[Path, Path]:
     """(HF folder, Q4_0 GGUF) of `shape`, built once."""
     folder = out / shape
     if not (folder / "config.json").exists():
-        make_hf(shape, folder, seed)
+        (make_hf_streamed if shape in STREAMED else make_hf)(shape, folder, seed)
     q4 = out / f"{shape}.q4_0.gguf"
+    if shape in STREAMED:
+        return folder, None
     if not q4.exists():
         f16 = out / f"{shape}.f16.gguf"
         make_gguf(shape, f16, seed)

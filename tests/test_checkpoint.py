@@ -190,21 +190,22 @@ def test_stories260k_odd_widths(stories260k_model, tinystories_text, tmp_path):
     assert len(text.split()) >= 3
 
 
-def test_output_exists_and_atomic_write(tinystories_model, tinystories_text, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stream", [True, False])
+def test_output_exists_and_atomic_write(tinystories_model, tinystories_text, tmp_path, monkeypatch, stream):
     out = tmp_path / "q"
     out.mkdir()
     with pytest.raises(OptqError, match="already exists.*--overwrite"):
         _quantize(tinystories_model, out, tinystories_text)
     out.rmdir()
 
-    import optq.formats.gptq as fmt
+    from optq.formats.safetensors_writer import SafetensorsWriter
 
     def broken(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(fmt, "write_safetensors", broken)
+    monkeypatch.setattr(SafetensorsWriter, "write", broken)  # both paths write every tensor through it
     with pytest.raises(OptqError, match=r"writing .*q failed: No space left on device.*free disk space"):
-        _quantize(tinystories_model, out, tinystories_text)
+        optq.quantize(tinystories_model, out, QuantizeConfig(), dataset=str(tinystories_text), stream=stream, **CAL)
     assert not out.exists()
     # No half-written checkpoint folder is left behind; the finished layers are, for --resume.
     assert [p.name for p in tmp_path.iterdir()] == [".q.optq-partial"]

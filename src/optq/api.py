@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import shutil
 import time
@@ -15,10 +16,13 @@ from . import __version__
 from .calibration import calibration_windows
 from .config import QuantizeConfig
 from .errors import OptqError
-from .formats.gptq import LOG_FILE, AtomicFolder, checkpoint_tensors, is_quantized_checkpoint, parse_size, write_checkpoint
+from .formats.gptq import (LOG_FILE, AtomicFolder, checkpoint_tensors, is_quantized_checkpoint, parse_size,
+                           write_config_files, write_safetensors)
 from .models.loading import TOKENIZER_FILES, SourceModel, load_source_model, load_tokenizer, parse_dtype
 from .pipeline import ModuleLog, QuantizedModel, quantize_model
 from .resume import RunState, fault_point, windows_digest
+
+log = logging.getLogger("optq")
 
 
 @dataclass
@@ -68,7 +72,7 @@ def quantize(
     seed: int = 0,
     max_shard_size: str | int = "4GB",
     dtype: str | torch.dtype = "float16",
-    compute_dtype: str | torch.dtype | None = None,
+    compute_dtype: str | torch.dtype | None = "auto",
     device: str = "cpu",
     overwrite: bool = False,
     allow_pickle: bool = False,
@@ -77,19 +81,31 @@ def quantize(
     on_module=None,
     resume: bool = False,
     allow_rtn_fallback: bool = False,
+    stream: bool | None = None,
+    max_activation_memory: str | int | None = "4GB",
 ) -> QuantizeReport:
     """Quantize `model` (a Hugging Face folder or a .gguf file) and write a GPTQ checkpoint to `out`.
 
     Finished layers are kept beside `out` until the checkpoint is complete; `resume=True` continues an
     interrupted run from them (same model, config and calibration), byte-identically. A module GPTQ cannot
     solve is an error unless `allow_rtn_fallback`, which rounds it to nearest and lists it in the
-    checkpoint's quantization_config.meta.rtn_fallback."""
+    checkpoint's quantization_config.meta.rtn_fallback.
+
+    `stream` (default: whenever the source is a safetensors folder) keeps the model on disk and reads one
+    decoder layer at a time, writing the checkpoint as it goes: peak memory is one layer plus the calibration
+    hidden states, which spill to a file next to `out` beyond `max_activation_memory` (None: no limit).
+    The checkpoint is byte-identical to the one loading the whole model gives."""
     started = time.perf_counter()
     config = config or QuantizeConfig()
     out_dtype = parse_dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
+    act_limit = parse_size(max_activation_memory) if max_activation_memory is not None else None
     folder = AtomicFolder(out, overwrite=overwrite)  # fails now, not after the work, if `out` is unusable
-    src = load_source_model(model, "float32", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    src, why = _open_streamed(model, trust_remote_code) if stream is not False else (None, "")
+    if src is None:
+        if stream:
+            raise OptqError(f"{model} cannot be streamed ({why}): drop --stream to load it whole")
+        src = load_source_model(model, "float32", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     windows = None
     if config.method == "gptq":
         windows = calibration_windows(src.tokenizer, dataset, nsamples, seqlen, seed)
@@ -101,15 +117,78 @@ def quantize(
         fingerprint["allow rtn fallback"] = True
     state = RunState(out, fingerprint, resume=resume, overwrite=overwrite)
     fault_point("calibration")
-    result = quantize_model(src.model, windows, config, device=device, compute_dtype=cdtype, progress=progress,
-                            on_module=on_module, state=state, allow_rtn_fallback=allow_rtn_fallback)
     calibration = None
     if windows is not None:
         calibration = {"dataset": str(dataset), "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
-    save_quantized(src.model, result, folder, out_dtype, shard_bytes, calibration,
-                   extra_files=lambda tmp: _copy_tokenizer(src, tmp))
+    run = dict(device=device, compute_dtype=cdtype, progress=progress, on_module=on_module, state=state,
+               allow_rtn_fallback=allow_rtn_fallback, max_activation_memory=act_limit, spill_dir=folder.dest.parent)
+    if src.is_streamed:
+        from .streaming import StreamedModel
+
+        with folder as tmp:
+            streamed = StreamedModel(src.model, src.source, config, out_dtype, tmp, shard_bytes)
+            try:
+                result = quantize_model(src.model, windows, config, stream=streamed, **run)
+                streamed.close()
+            except BaseException:
+                streamed.abort()
+                raise
+            _write_metadata(tmp, src.model, result, out_dtype, calibration)
+            _copy_tokenizer(src, tmp)
+            fault_point("save")
+    else:
+        result = quantize_model(src.model, windows, config, **run)
+        save_quantized(src.model, result, folder, out_dtype, shard_bytes, calibration,
+                       extra_files=lambda tmp: _copy_tokenizer(src, tmp))
     state.finish()
     return QuantizeReport(Path(out), result, time.perf_counter() - started)
+
+
+def _open_streamed(model, trust_remote_code: bool) -> tuple[SourceModel | None, str]:
+    """The model as a skeleton bound to its safetensors files, or (None, why) where it cannot be streamed (a
+    GGUF file, pickle weights, tensors not named as the model's)."""
+    from .models.lazy import SafetensorsSource, StreamingUnsupported, build_skeleton
+    from .models.loading import check_model_folder, resolve_model_path
+
+    path = resolve_model_path(model)
+    if not path.is_dir():
+        return None, "it is a GGUF file, which Transformers dequantizes whole"
+    if not any(path.glob("*.safetensors")):
+        return None, "it has no safetensors files"
+    check_model_folder(path, allow_pickle=False)
+    from transformers import AutoConfig
+
+    from .models.registry import arch_spec
+
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code)
+    arch_spec(config.model_type)  # unsupported architectures fail before anything else
+    try:
+        skeleton = build_skeleton(path, torch.float32, trust_remote_code)
+        source = SafetensorsSource(path)
+        source.bind(skeleton)
+    except StreamingUnsupported as e:
+        log.info("loading the whole model (it cannot be streamed: %s)", e)
+        return None, str(e)
+    src = SourceModel(model=skeleton, tokenizer=load_tokenizer(path, False, trust_remote_code), path=path,
+                      is_gguf=False)
+    src.source = source
+    return src, ""
+
+
+def _checkpoint_meta(result: QuantizedModel, calibration: dict | None) -> dict:
+    meta = {"quantizer": [f"optq:{__version__}"], "method": result.config.method}
+    if calibration:
+        meta["calibration"] = calibration
+    if result.rtn_fallback:
+        meta["rtn_fallback"] = result.rtn_fallback
+    return meta
+
+
+def _write_metadata(tmp: Path, model, result: QuantizedModel, dtype: torch.dtype, calibration: dict | None) -> None:
+    """config.json, quantize_config.json and quant_log.csv of a checkpoint."""
+    write_config_files(tmp, _model_config_dict(model), result.config.to_hf(_checkpoint_meta(result, calibration)),
+                       dtype)
+    write_log_csv(tmp / LOG_FILE, result.log)
 
 
 def save_quantized(
@@ -125,18 +204,12 @@ def save_quantized(
     """Write the checkpoint of a model quantized in memory by `quantize_model` (atomically)."""
     folder = out if isinstance(out, AtomicFolder) else AtomicFolder(out, overwrite=overwrite)
     out_dtype = parse_dtype(dtype)
-    meta = {"quantizer": [f"optq:{__version__}"], "method": result.config.method}
-    if calibration:
-        meta["calibration"] = calibration
-    if result.rtn_fallback:
-        meta["rtn_fallback"] = result.rtn_fallback
     tensors = checkpoint_tensors(model.state_dict(), result.modules, out_dtype)
     with folder as tmp:
-        write_checkpoint(tmp, _model_config_dict(model), result.config.to_hf(meta), tensors,
-                         parse_size(max_shard_size), out_dtype)
+        write_safetensors(tmp, tensors, parse_size(max_shard_size))
+        _write_metadata(tmp, model, result, out_dtype, calibration)
         if extra_files is not None:
             extra_files(tmp)
-        write_log_csv(tmp / LOG_FILE, result.log)
         fault_point("save")
     return folder.dest
 

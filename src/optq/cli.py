@@ -44,8 +44,14 @@ def _add_quantize(sub) -> None:
     p.add_argument("--max-shard-size", default="4GB")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="dtype of the unquantized tensors in the checkpoint (default float16)")
-    p.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="dtype of the calibration forward passes (default: the model's, float32)")
+    p.add_argument("--compute-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype of the calibration forward passes and hidden states; auto = bfloat16 where the CPU "
+                        "has native bf16, else float32 (Hessians and solves are float32 either way)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="read one decoder layer at a time from the model's safetensors and write the checkpoint as "
+                        "it goes, so memory does not grow with the model (default: on for safetensors folders)")
+    p.add_argument("--max-activation-memory", default="4GB",
+                   help="calibration hidden states beyond this spill to a memory-mapped file next to OUT (default 4GB)")
     p.add_argument("--device", default="cpu", help="compute device for the layer being quantized (cpu, cuda)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT (and any interrupted run of it) if it exists")
     p.add_argument("--resume", action="store_true",
@@ -147,7 +153,8 @@ def _quantize_to_gguf(a, config, out, show) -> int:
         quantize(a.model, ckpt, config, dataset=a.dataset, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
                  compute_dtype=a.compute_dtype, device=a.device, allow_pickle=a.allow_pickle,
                  trust_remote_code=a.trust_remote_code, allow_rtn_fallback=a.allow_rtn_fallback,
-                 progress=not a.quiet, on_module=None if a.quiet else show)
+                 progress=not a.quiet, on_module=None if a.quiet else show, stream=a.stream,
+                 max_activation_memory=a.max_activation_memory)
         src = resolve_model_path(a.model)
         counts = export_gguf(ckpt, out, tokenizer_from=str(src) if src.suffix == ".gguf" else None,
                              overwrite=a.overwrite)
@@ -196,10 +203,11 @@ def cmd_quantize(a) -> int:
         a.model, a.out, config, dataset=a.dataset, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
         max_shard_size=a.max_shard_size, dtype=a.dtype, compute_dtype=a.compute_dtype, device=a.device,
         overwrite=a.overwrite, resume=a.resume, allow_rtn_fallback=a.allow_rtn_fallback, allow_pickle=a.allow_pickle,
-        trust_remote_code=a.trust_remote_code,
+        trust_remote_code=a.trust_remote_code, stream=a.stream, max_activation_memory=a.max_activation_memory,
         progress=not a.quiet, on_module=None if a.quiet else show,
     )
-    print(f"wrote {report.path} ({len(report.result.modules)} quantized modules) in {report.seconds:.1f}s")
+    count = sum(1 for r in report.result.log if r.bits < 16)
+    print(f"wrote {report.path} ({count} quantized modules) in {report.seconds:.1f}s")
     return 0
 
 

@@ -21,6 +21,7 @@ from .errors import OptqError
 from .formats.gptq import module_packable, pack_module
 from .models.registry import arch_spec, get_submodule
 from .resume import RunState, fault_point
+from .sysmem import return_freed_memory
 
 log = logging.getLogger("optq")
 
@@ -166,6 +167,140 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, windows: list[
     return store
 
 
+# ---- calibration hidden states ----------------------------------------------------------------------------
+
+
+def _shared_arguments(entries: list) -> list:
+    """Make equal tensors in the windows' positional/keyword arguments (position embeddings, masks: the same
+    for every window of one length) one tensor, so they are held once rather than once per window."""
+    seen: dict[tuple, list[torch.Tensor]] = {}
+
+    def dedupe(obj):
+        if isinstance(obj, torch.Tensor):
+            tag = (obj.dtype, tuple(obj.shape), obj.device)
+            for t in seen.setdefault(tag, []):
+                if t is obj or torch.equal(t, obj):
+                    return t
+            seen[tag].append(obj)
+            return obj
+        if isinstance(obj, tuple):
+            return tuple(dedupe(o) for o in obj)
+        if isinstance(obj, list):
+            return [dedupe(o) for o in obj]
+        if isinstance(obj, dict):
+            return {k: dedupe(v) for k, v in obj.items()}
+        return obj
+
+    return [(hidden, dedupe(args), dedupe(kwargs)) for hidden, args, kwargs in entries]
+
+
+class HiddenStates:
+    """The hidden states of every calibration window at one point of the model, in memory or, when they
+    would exceed --max-activation-memory, in a memory-mapped file (unlinked at once, so nothing is left
+    behind) whose pages are handed back to the OS after each window is used."""
+
+    def __init__(self, shapes: list[tuple[int, ...]], dtype: torch.dtype, device, spill_dir=None):
+        self.shapes, self.dtype, self.device, self.spill_dir = shapes, dtype, device, spill_dir
+        self._tensors: list[torch.Tensor | None] = [None] * len(shapes)
+        self._file = None
+        if spill_dir is not None:
+            import math
+            import os
+            import tempfile
+
+            item = torch.empty((), dtype=dtype).element_size()
+            page = os.sysconf("SC_PAGE_SIZE")
+            self._offsets, pos = [], 0
+            for shape in shapes:
+                self._offsets.append(pos)
+                pos += -(-math.prod(shape) * item // page) * page
+            fd, path = tempfile.mkstemp(prefix=".optq-activations-", dir=spill_dir)
+            try:
+                os.ftruncate(fd, max(pos, page))
+                self._file = torch.from_file(path, shared=True, size=max(pos, page) // item, dtype=dtype)
+            finally:
+                os.close(fd)
+                os.unlink(path)
+            self._item = item
+
+    @classmethod
+    def in_memory(cls, tensors: list[torch.Tensor], spill_dir=None) -> "HiddenStates":
+        out = cls([tuple(t.shape) for t in tensors], tensors[0].dtype, tensors[0].device)
+        out._tensors = list(tensors)
+        return out
+
+    @classmethod
+    def spilled(cls, tensors: list[torch.Tensor], spill_dir) -> "HiddenStates":
+        out = cls([tuple(t.shape) for t in tensors], tensors[0].dtype, tensors[0].device, spill_dir)
+        for j, t in enumerate(tensors):
+            out[j] = t
+            out.release(j)
+        return out
+
+    def empty_like(self) -> "HiddenStates":
+        return HiddenStates(self.shapes, self.dtype, self.device, self.spill_dir)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def _view(self, j: int) -> torch.Tensor:
+        import math
+
+        start = self._offsets[j] // self._item
+        return self._file[start:start + math.prod(self.shapes[j])].view(self.shapes[j])
+
+    def __getitem__(self, j: int) -> torch.Tensor:
+        if self._file is None:
+            return self._tensors[j]
+        return self._view(j).to(self.device)
+
+    def __setitem__(self, j: int, t: torch.Tensor) -> None:
+        if self._file is None:
+            self._tensors[j] = t
+        else:
+            self._view(j).copy_(t.to(self.dtype))
+
+    def release(self, j: int) -> None:
+        """Window j is not needed for now: drop its pages from this process (they stay in the file)."""
+        if self._file is not None:
+            _dont_need(self._view(j))
+
+
+def _dont_need(t: torch.Tensor) -> None:
+    try:
+        import ctypes
+        import os
+
+        page = os.sysconf("SC_PAGE_SIZE")
+        start = t.data_ptr() // page * page
+        length = -(-(t.data_ptr() + t.numel() * t.element_size() - start) // page) * page
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), 4)  # MADV_DONTNEED
+    except (OSError, AttributeError, ValueError):
+        pass  # not Linux: the OS reclaims the clean pages under pressure anyway
+
+
+class LayerInputs:
+    """(hidden, positional args, kwargs) of each calibration window at the input of the current layer."""
+
+    def __init__(self, hidden: HiddenStates, extras: list[tuple]):
+        self.hidden, self.extras = hidden, extras
+
+    def __len__(self) -> int:
+        return len(self.extras)
+
+    def __getitem__(self, j: int):
+        return (self.hidden[j], *self.extras[j])
+
+    def __iter__(self):
+        for j, (args, kwargs) in enumerate(self.extras):
+            yield self.hidden[j], args, kwargs
+            self.hidden.release(j)
+
+    def with_hidden(self, hidden: HiddenStates) -> "LayerInputs":
+        return LayerInputs(hidden, self.extras)
+
+
 # ---- Hessian collection for one group --------------------------------------------------------------------
 
 
@@ -255,7 +390,8 @@ def _module_inputs(layer: nn.Module, names: list[str], entry) -> dict[str, torch
 # ---- the driver ------------------------------------------------------------------------------------------
 
 
-def _module_plan(layer: nn.Module, prefix: str, spec_groups, config: QuantizeConfig, rows: list[ModuleLog], index: int):
+def _module_plan(layer: nn.Module, prefix: str, spec_groups, config: QuantizeConfig, rows: list[ModuleLog], index: int,
+                 quiet: bool = False):
     """Groups of (local name, full name, module config) to quantize; modules left in float are logged."""
     groups = spec_groups if config.true_sequential else (tuple(n for g in spec_groups for n in g),)
     plan = []
@@ -274,12 +410,31 @@ def _module_plan(layer: nn.Module, prefix: str, spec_groups, config: QuantizeCon
             if why:
                 skipped[full] = why
                 rows.append(ModuleLog(index, full, 16, 0, 0.0, 0.0, 0, 0.0, f"left in float: {why}"))
-                log.warning("%s left in float: %s", full, why)
+                if not quiet:
+                    log.warning("%s left in float: %s", full, why)
                 continue
             members.append((local, full, mcfg))
         if members:
             plan.append(members)
     return plan, skipped
+
+
+def planned_modules(model: nn.Module, config: QuantizeConfig) -> dict[str, tuple[int, int, QuantizeConfig]]:
+    """Every module the pipeline will quantize: full name -> (in_features, out_features, its config). Works on
+    a skeleton on the meta device, so a streamed run can lay out its checkpoint before the first layer."""
+    spec = arch_spec(model.config.model_type)
+    layers = get_submodule(model, spec.layers)
+    out: dict[str, tuple[int, int, QuantizeConfig]] = {}
+    for index in range(len(layers)):
+        plan, _ = _module_plan(layers[index], f"{spec.layers}.{index}", spec.groups, config, [], index, quiet=True)
+        for members in plan:
+            for loc, full, mcfg in members:
+                out[full] = (*linear_shape(get_submodule(layers[index], loc)), mcfg)
+    if config.lm_head:
+        name, mcfg = _output_projection(model, spec, config)
+        if mcfg is not None:
+            out[name] = (*linear_shape(get_submodule(model, name)), mcfg)
+    return out
 
 
 def _output_projection(model: nn.Module, spec, config: QuantizeConfig) -> tuple[str, QuantizeConfig | None]:
@@ -361,10 +516,18 @@ def quantize_model(
     on_module: Callable[[ModuleLog], None] | None = None,
     state: RunState | None = None,
     allow_rtn_fallback: bool = False,
+    stream=None,
+    max_activation_memory: int | None = None,
+    spill_dir=None,
 ) -> QuantizedModel:
     """Quantize `model` in place (its linear weights become the dequantized values) and return the packed
     tensors. `windows` are calibration token windows [1, L]; RTN needs none. With `state`, each finished
-    layer is saved there, and layers it already holds are restored instead of solved (resume)."""
+    layer is saved there, and layers it already holds are restored instead of solved (resume).
+
+    With `stream` (a `streaming.StreamedModel`) the model is a skeleton on the meta device: each layer's
+    weights are read from disk when its turn comes, its checkpoint tensors are written as soon as it is done,
+    and it is freed; the returned `modules` is then empty. Calibration hidden states beyond
+    `max_activation_memory` bytes live in a file in `spill_dir` instead of memory."""
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
@@ -377,25 +540,61 @@ def quantize_model(
         raise OptqError("GPTQ needs calibration data: give --dataset, or use --rtn")
     model_dtype = next(model.parameters()).dtype
     compute_dtype = compute_dtype or model_dtype
+    packed: dict[str, dict[str, torch.Tensor]] = {}
 
-    inputs = capture_layer_inputs(model, layers, windows, device) if needs_data else None
-    if inputs is not None:
-        inputs = [_to(entry, device, compute_dtype) for entry in inputs]
+    def emit(full: str, qw: QuantizedWeight, mcfg: QuantizeConfig) -> None:
+        tensors = pack_module(qw, mcfg.checkpoint_format)
+        if stream is not None:
+            stream.emit(full, tensors)
+        else:
+            packed[full] = tensors
+
+    def source_weight(module: nn.Module, full: str) -> torch.Tensor:
+        """The float32 [out, in] weight to quantize: the source's own values."""
+        if stream is None:
+            return linear_weight(module).float()
+        w = stream.source_weight(full)
+        return w.T if _is_conv1d(module) else w
+
+    if stream is not None:
+        stream.prepare_capture(model, model_dtype)
+    captured = capture_layer_inputs(model, layers, windows, device) if needs_data else None
+    if stream is not None:
+        stream.after_capture(model)
     # GPTAQ follows the float model's hidden states alongside the quantized model's.
     asymmetric = needs_data and config.gptaq
-    float_hidden = [hidden for hidden, _, _ in inputs] if asymmetric else None
+    inputs = float_inputs = None
+    if captured is not None:
+        captured = _shared_arguments([_to(entry, device, compute_dtype) for entry in captured])
+        hidden_bytes = sum(h.numel() * h.element_size() for h, _, _ in captured)
+        # A layer's inputs and outputs are held at once (and the float stream's too, for GPTAQ).
+        spill = max_activation_memory is not None and hidden_bytes * (4 if asymmetric else 2) > max_activation_memory
+        if spill:
+            log.info("calibration hidden states (%.0f MB per layer) spill to a file in %s", hidden_bytes / 1e6,
+                     spill_dir)
+        store = HiddenStates.spilled if spill else HiddenStates.in_memory
+        hidden = [h for h, _, _ in captured]
+        extras = [(a, k) for _, a, k in captured]
+        del captured
+        inputs = LayerInputs(store(hidden, spill_dir), extras)
+        if asymmetric:
+            float_inputs = LayerInputs(store(hidden, spill_dir) if spill else inputs.hidden, extras)
+        del hidden
 
     rows: list[ModuleLog] = []
-    packed: dict[str, dict[str, torch.Tensor]] = {}
     left_float: dict[str, str] = {}
     bar = tqdm(range(len(layers)), desc="Quantizing layers", unit="layer", disable=not progress)
     for index in bar:
-        layer = layers[index].to(device)
-        work = layer if compute_dtype == model_dtype else copy.deepcopy(layer).to(compute_dtype)
-        plan, skipped = _module_plan(layer, f"{layers_path}.{index}", spec.groups, config, rows, index)
+        prefix = f"{layers_path}.{index}"
+        if stream is not None:
+            layer = stream.load_layer(layers[index], prefix, compute_dtype, device)
+            work = layer
+        else:
+            layer = layers[index].to(device)
+            work = layer if compute_dtype == model_dtype else copy.deepcopy(layer).to(compute_dtype)
+        plan, skipped = _module_plan(layer, prefix, spec.groups, config, rows, index)
         left_float.update(skipped)
         float_layer = copy.deepcopy(work) if asymmetric else None
-        float_inputs = [(hd, a, k) for hd, (_, a, k) in zip(float_hidden, inputs)] if asymmetric else None
         saved = state.load(index) if state is not None else None
         layer_weights: dict[str, QuantizedWeight] = {}
         layer_rows: list[ModuleLog] = []
@@ -407,7 +606,7 @@ def quantize_model(
                     set_linear_weight(get_submodule(layer, loc), deq)
                     if work is not layer:
                         set_linear_weight(get_submodule(work, loc), deq)
-                    packed[full] = pack_module(weights[full], mcfg.checkpoint_format)
+                    emit(full, weights[full], mcfg)
             rows.extend(ModuleLog(**r) for r in saved_rows)
             plan = []  # nothing left to solve in this layer
         for members in plan:
@@ -426,18 +625,22 @@ def quantize_model(
             for loc, full, mcfg in members:
                 t0 = time.perf_counter()
                 module = get_submodule(layer, loc)
-                w = linear_weight(module).float()
+                w = source_weight(module, full)
                 if not torch.isfinite(w).all():
                     raise OptqError(f"layer {index} module {full}: the weight holds NaN or Inf")
-                qw, loss, damp, note = _solve_module(w, accs.get(loc), mcfg, f"layer {index} module {full}",
+                acc = accs.pop(loc, None)
+                qw, loss, damp, note = _solve_module(w, acc, mcfg, f"layer {index} module {full}",
                                                      allow_rtn_fallback)
+                del w
                 deq = qw.dequantize()
                 set_linear_weight(module, deq)
                 if work is not layer:
                     set_linear_weight(get_submodule(work, loc), deq)
-                packed[full] = pack_module(qw, mcfg.checkpoint_format)
+                del deq
+                emit(full, qw, mcfg)
                 entry = ModuleLog(index, full, mcfg.bits, mcfg.group_size, loss, damp,
-                                  accs[loc].tokens if loc in accs else 0, time.perf_counter() - t0, note)
+                                  acc.tokens if acc is not None else 0, time.perf_counter() - t0, note)
+                del acc
                 rows.append(entry)
                 layer_weights[full] = qw
                 layer_rows.append(entry)
@@ -448,22 +651,32 @@ def quantize_model(
         if state is not None and saved is None:
             state.save(index, layer_weights, layer_rows)
             fault_point(f"layer:{index}")
+        del layer_weights
         if needs_data:
+            outputs = inputs.hidden.empty_like()
             with torch.no_grad():
-                outputs = []
-                for hidden, args, kwargs in inputs:
+                for j, (hidden, args, kwargs) in enumerate(inputs):
                     out = _layer_output(work(hidden, *args, **kwargs))
                     if not torch.isfinite(out).all():
                         raise OptqError(f"layer {index}: its outputs hold NaN or Inf on the calibration data")
-                    outputs.append(out)
-            inputs = [(o, args, kw) for o, (_, args, kw) in zip(outputs, inputs)]
+                    outputs[j] = out
+                    outputs.release(j)
+                    del out
             if asymmetric:
+                float_outputs = float_inputs.hidden.empty_like()
                 with torch.no_grad():
-                    float_hidden = [_layer_output(float_layer(hd, *a, **k)) for hd, a, k in float_inputs]
-                del float_layer, float_inputs
-        if device.type != "cpu":
+                    for j, (hidden, args, kwargs) in enumerate(float_inputs):
+                        float_outputs[j] = _layer_output(float_layer(hidden, *args, **kwargs))
+                        float_outputs.release(j)
+                float_inputs = float_inputs.with_hidden(float_outputs)
+                del float_layer
+            inputs = inputs.with_hidden(outputs)
+        if stream is not None:
+            stream.finish_layer(layer, prefix)
+        elif device.type != "cpu":
             layers[index] = layer.to("cpu")
-        del work
+        del work, layer
+        return_freed_memory()
 
     if config.lm_head:
         head_name, head_cfg = _output_projection(model, spec, config)
@@ -473,8 +686,9 @@ def quantize_model(
         elif saved is not None:
             head = get_submodule(model, head_name)
             _untie(model, head)
-            set_linear_weight(head, saved[0][head_name].dequantize())
-            packed[head_name] = pack_module(saved[0][head_name], head_cfg.checkpoint_format)
+            if stream is None:
+                set_linear_weight(head, saved[0][head_name].dequantize())
+            emit(head_name, saved[0][head_name], head_cfg)
             rows.extend(ModuleLog(**r) for r in saved[1])
         else:
             t0 = time.perf_counter()
@@ -485,12 +699,13 @@ def quantize_model(
                 acc = HessianAccumulator(linear_shape(head)[0], device=device, asymmetric=asymmetric)
                 with torch.no_grad():
                     for j, (hidden, _, _) in enumerate(inputs):
-                        acc.add(norm(hidden), x_ref=norm(float_hidden[j]) if asymmetric else None)
+                        acc.add(norm(hidden), x_ref=norm(float_inputs.hidden[j]) if asymmetric else None)
             _untie(model, head)
-            qw, loss, damp, note = _solve_module(linear_weight(head).float(), acc, head_cfg, f"module {head_name}",
-                                                 allow_rtn_fallback)
-            set_linear_weight(head, qw.dequantize())
-            packed[head_name] = pack_module(qw, head_cfg.checkpoint_format)
+            qw, loss, damp, note = _solve_module(source_weight(head, head_name), acc, head_cfg,
+                                                 f"module {head_name}", allow_rtn_fallback)
+            if stream is None:
+                set_linear_weight(head, qw.dequantize())
+            emit(head_name, qw, head_cfg)
             entry = ModuleLog(len(layers), head_name, head_cfg.bits, head_cfg.group_size, loss, damp,
                               acc.tokens if acc is not None else 0, time.perf_counter() - t0, note)
             rows.append(entry)

@@ -63,11 +63,13 @@ class RunState:
         self.fingerprint = json.loads(json.dumps(fingerprint))  # as it reads back from disk
         if self.dir.exists():
             done = len(list(self.dir.glob("layer-*.safetensors")))
+            # The checkpoint write the interruption cut short (a streamed run writes from its first layer on):
+            # worthless whether or not the run is resumed, since a resumed run rewrites every tensor.
+            for stale in self.dest.parent.glob(f".{self.dest.name}.optq-tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
             if resume:
                 self._check(done)
                 log.info("resuming %s: %d finished layer(s) restored from %s", self.dest, done, self.dir)
-                for stale in self.dest.parent.glob(f".{self.dest.name}.optq-tmp-*"):
-                    shutil.rmtree(stale, ignore_errors=True)  # a checkpoint write the interruption cut short
                 return
             if not overwrite:
                 raise OptqError(f"{self.dest}: an interrupted run was found ({done} layer(s) done, in {self.dir}): "

@@ -24,10 +24,10 @@ from ..core.grid import QuantizedWeight
 from ..core.packing import pack, pack_cols, packable, unpack, unpack_cols
 from ..errors import OptqError
 from . import compressed_tensors
+from .safetensors_writer import INDEX_FILE, SINGLE_FILE, TensorSpec, write_tensors
 
 QUANT_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
+QUANT_DTYPES = {"qweight": torch.int32, "qzeros": torch.int32, "scales": torch.float16, "g_idx": torch.int32}
 QUANTIZE_CONFIG_FILE = "quantize_config.json"
 LOG_FILE = "quant_log.csv"
 
@@ -102,36 +102,12 @@ def parse_size(size: str | int) -> int:
     return int(float(m.group(1)) * mult[unit])
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+SAFETENSORS_METADATA = {"format": "pt"}
 
 
 def write_safetensors(folder: Path, tensors: dict[str, torch.Tensor], max_shard_size: int) -> list[str]:
     """Write `tensors` (in their given order) as one file or shards plus an index; returns the file names."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in tensors.items():
-        n = _nbytes(t)
-        if shards[-1] and size + n > max_shard_size:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t.contiguous()
-        size += n
-    meta = {"format": "pt"}
-    if len(shards) == 1:
-        save_safetensors(shards[0], folder / SINGLE_FILE, meta)
-        return [SINGLE_FILE]
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {}
-    for fname, shard in zip(names, shards):
-        save_safetensors(shard, folder / fname, meta)
-        weight_map.update({k: fname for k in shard})
-    index = {
-        "metadata": {"total_size": sum(_nbytes(t) for t in tensors.values())},
-        "weight_map": dict(sorted(weight_map.items())),
-    }
-    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    return names + [INDEX_FILE]
+    return write_tensors(folder, tensors, max_shard_size, SAFETENSORS_METADATA)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -189,6 +165,8 @@ class AtomicFolder:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             if isinstance(exc, OSError):  # disk full, file size limit, permissions changed under us
+                if exc.filename and Path(exc.filename).parent == self.tmp:  # name the file as the user knows it
+                    exc = OSError(exc.errno, exc.strerror, str(self.dest / Path(exc.filename).name))
                 raise OptqError(write_failure(self.dest, exc)) from None
             return False
         # safetensors creates files readable by the owner only; a checkpoint is meant to be shared.
@@ -320,39 +298,79 @@ def iter_tensors(info: CheckpointInfo, shapes: dict[str, tuple[int, int]]) -> It
     yield from compressed_tensors.iter_converted(raw(), info.quant, shapes, pack)
 
 
-def _checkpoint_tensor(name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One tensor of a checkpoint: what it is and where its values come from."""
+
+    spec: TensorSpec
+    key: str  # the state-dict key it is cast from; for a packed tensor, the module's weight key
+    module: str = ""  # the quantized module whose packed tensor this is ("" for float tensors)
+
+
+def packed_layout(in_features: int, out_features: int, bits: int, group_size: int) -> dict[str, tuple]:
+    """(dtype, shape) of each checkpoint tensor of one quantized module."""
+    shapes = expected_shapes(in_features, out_features, bits, group_size)
+    return {leaf: (QUANT_DTYPES[leaf], shapes[leaf]) for leaf in QUANT_TENSORS}
+
+
+def checkpoint_plan(state: dict[str, torch.Tensor], quantized: dict[str, dict[str, tuple]], dtype: torch.dtype) \
+        -> list[PlannedTensor]:
+    """The checkpoint's tensors in state-dict order: each quantized module's `.weight` becomes its packed
+    tensors (`quantized`: module -> leaf -> (dtype, shape)), its bias float16; tied duplicates are dropped
+    (the state dict may hold meta tensors, taken with keep_vars=True so that tied ones are one object);
+    other float tensors are cast to `dtype`."""
+    out: list[PlannedTensor] = []
+    seen: set = set()
+    for key, t in state.items():
+        module, _, leaf = key.rpartition(".")
+        if module in quantized:
+            if leaf == "weight":
+                for name in QUANT_TENSORS:
+                    qdtype, shape = quantized[module][name]
+                    out.append(PlannedTensor(TensorSpec(f"{module}.{name}", qdtype, tuple(shape)), key, module))
+            elif leaf == "bias":
+                out.append(PlannedTensor(TensorSpec(key, torch.float16, tuple(t.shape)), key))
+            continue
+        tag = id(t) if t.device.type == "meta" else (t.data_ptr(), tuple(t.shape))
+        if t.numel() and tag in seen:
+            continue  # tied to a tensor already written (e.g. lm_head and embed_tokens)
+        seen.add(tag)
+        out.append(PlannedTensor(TensorSpec(key, dtype if t.is_floating_point() else t.dtype, tuple(t.shape)), key))
+    names = {p.module for p in out}
+    missing = [m for m in quantized if m not in names]
+    if missing:
+        raise OptqError(f"quantized modules not found in the model: {missing[:3]}")
+    return out
+
+
+def checkpoint_value(p: PlannedTensor, t: torch.Tensor) -> torch.Tensor:
+    """The float tensor `t` (of state-dict key p.key) as the checkpoint stores it."""
     if not t.is_floating_point():
         return t.contiguous()
-    if dtype == torch.float16 and t.numel() and t.abs().max() > torch.finfo(torch.float16).max:
-        raise OptqError(f"tensor {name} exceeds the float16 range: write the checkpoint with --dtype bfloat16")
-    return t.to(dtype).contiguous()
+    if p.spec.dtype == torch.float16 and t.numel() and t.abs().max() > torch.finfo(torch.float16).max:
+        raise OptqError(f"tensor {p.key} exceeds the float16 range: write the checkpoint with --dtype bfloat16")
+    return t.to(p.spec.dtype).contiguous()
 
 
 def checkpoint_tensors(
     state_dict: dict[str, torch.Tensor], packed: dict[str, dict[str, torch.Tensor]], dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors in state-dict order: quantized modules' `.weight` replaced by their packed
-    tensors (bias kept, in float16), tied duplicates dropped, other float tensors cast to `dtype`."""
-    out: dict[str, torch.Tensor] = {}
-    seen: set[tuple[int, tuple[int, ...]]] = set()
-    for key, t in state_dict.items():
-        module, _, leaf = key.rpartition(".")
-        if module in packed:
-            if leaf == "weight":
-                for name in QUANT_TENSORS:
-                    out[f"{module}.{name}"] = packed[module][name]
-            elif leaf == "bias":
-                out[key] = _checkpoint_tensor(key, t, torch.float16)
-            continue
-        tag = (t.data_ptr(), tuple(t.shape))
-        if t.numel() and tag in seen:
-            continue  # tied to a tensor already written (e.g. lm_head and embed_tokens)
-        seen.add(tag)
-        out[key] = _checkpoint_tensor(key, t, dtype)
-    missing = [m for m in packed if f"{m}.qweight" not in out]
-    if missing:
-        raise OptqError(f"quantized modules not found in the model: {missing[:3]}")
-    return out
+    """The checkpoint's tensors (see `checkpoint_plan`) of a model held in memory."""
+    quantized = {m: {leaf: (t.dtype, tuple(t.shape)) for leaf, t in ts.items()} for m, ts in packed.items()}
+    return {p.spec.name: packed[p.module][p.spec.name.rpartition(".")[2]] if p.module
+            else checkpoint_value(p, state_dict[p.key]) for p in checkpoint_plan(state_dict, quantized, dtype)}
+
+
+def write_config_files(folder: Path, model_config: dict[str, Any], quant_config: dict[str, Any],
+                       dtype: torch.dtype) -> None:
+    """config.json (with quantization_config) and quantize_config.json."""
+    cfg = dict(model_config)
+    cfg["quantization_config"] = quant_config
+    dtype_name = str(dtype).removeprefix("torch.")
+    cfg["dtype"] = dtype_name
+    cfg["torch_dtype"] = dtype_name  # older readers (Transformers 4, vLLM) look here
+    write_json(folder / "config.json", cfg)
+    write_json(folder / QUANTIZE_CONFIG_FILE, quant_config)
 
 
 def write_checkpoint(
@@ -364,11 +382,5 @@ def write_checkpoint(
     dtype: torch.dtype,
 ) -> None:
     """config.json (with quantization_config), quantize_config.json and the safetensors, into `folder`."""
-    cfg = dict(model_config)
-    cfg["quantization_config"] = quant_config
-    dtype_name = str(dtype).removeprefix("torch.")
-    cfg["dtype"] = dtype_name
-    cfg["torch_dtype"] = dtype_name  # older readers (Transformers 4, vLLM) look here
-    write_json(folder / "config.json", cfg)
-    write_json(folder / QUANTIZE_CONFIG_FILE, quant_config)
+    write_config_files(folder, model_config, quant_config, dtype)
     write_safetensors(folder, tensors, max_shard_size)

@@ -65,6 +65,11 @@ class SourceModel:
     tokenizer: object
     path: Path  # the folder, or the .gguf file
     is_gguf: bool
+    source: object = None  # for a streamed model (a skeleton on the meta device): its SafetensorsSource
+
+    @property
+    def is_streamed(self) -> bool:
+        return self.source is not None
 
 
 def resolve_model_path(model: str | os.PathLike) -> Path:

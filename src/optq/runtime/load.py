@@ -9,12 +9,13 @@ import torch
 from torch import nn
 
 from ..errors import OptqError
+from ..formats.gptq import QUANT_DTYPES as _QUANT_DTYPES
 from ..formats.gptq import CheckpointInfo, expected_shapes, iter_tensors, open_checkpoint, quantized_module_names
 from ..models.loading import parse_dtype
+from ..sysmem import return_freed_memory
 from .attention import use_decode_attention
 from .quant_linear import QuantLinear
 
-_QUANT_DTYPES = {"qweight": torch.int32, "qzeros": torch.int32, "scales": torch.float16, "g_idx": torch.int32}
 
 
 def _build_skeleton(info: CheckpointInfo, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
@@ -146,7 +147,7 @@ def load(
     canonical_lm_head_input(model)
     if device_is_cpu(model):
         use_decode_attention(model)
-    _return_freed_memory()
+    return_freed_memory()
     return model
 
 
@@ -176,14 +177,3 @@ def _canonical_input(module: nn.Module, args: tuple) -> tuple:
         if x.stride() != tuple(reversed(canonical)):
             return (x.clone(memory_format=torch.contiguous_format), *args[1:])
     return args
-
-
-def _return_freed_memory() -> None:
-    """Give the unpacking temporaries and released checkpoint tensors back to the OS: glibc keeps freed heap
-    memory mapped, which showed as ~0.7 GB of extra RSS on a 1B-parameter 4-bit model."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to do

@@ -1,0 +1,118 @@
+"""Streamed quantization: the model stays on disk; one decoder layer at a time is read, quantized, written
+into the output shards and freed, so peak memory is one layer plus the calibration activations whatever the
+model's size. The pipeline (`quantize_model(stream=...)`) calls the hooks below at each step."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from .formats.gptq import SAFETENSORS_METADATA, PlannedTensor, checkpoint_plan, checkpoint_value, packed_layout
+from .formats.safetensors_writer import SafetensorsWriter
+from .models.lazy import SafetensorsSource, materialize, release
+from .models.registry import arch_spec
+from .pipeline import planned_modules
+
+log = logging.getLogger("optq")
+
+# Float tensors larger than this are converted and written a slice of rows at a time (embeddings, lm_head).
+CHUNK_BYTES = 64 << 20
+
+
+class StreamedModel:
+    """A skeleton model (parameters on the meta device) bound to its safetensors files, and the writer of the
+    checkpoint it becomes. Created before the first layer, so the checkpoint's layout is fixed up front."""
+
+    def __init__(self, model: nn.Module, source: SafetensorsSource, config, dtype: torch.dtype, folder,
+                 max_shard_size: int):
+        self.model = model
+        self.source = source
+        self.layers_prefix = arch_spec(model.config.model_type).layers + "."
+        layout = {name: packed_layout(in_f, out_f, mcfg.bits, mcfg.group_size)
+                  for name, (in_f, out_f, mcfg) in planned_modules(model, config).items()}
+        self.state = model.state_dict(keep_vars=True)  # meta tensors; tied ones are one object
+        self.plan: list[PlannedTensor] = checkpoint_plan(self.state, layout, dtype)
+        self.writer = SafetensorsWriter(folder, [p.spec for p in self.plan], max_shard_size, SAFETENSORS_METADATA)
+
+    # ---- hooks called by the pipeline ----
+
+    def prepare_capture(self, model: nn.Module, dtype: torch.dtype) -> None:
+        """Read what runs before the first decoder layer (embeddings, ...): every tensor outside the decoder
+        layers except a separate output projection, which the capture never reaches."""
+        head = model.get_output_embeddings()
+        head_weight = getattr(head, "weight", None)
+        emb = model.get_input_embeddings()
+        separate_head = head_weight is not None and head_weight is not getattr(emb, "weight", None)
+        for name, module in model.named_modules():
+            if name.startswith(self.layers_prefix) or name + "." == self.layers_prefix:
+                continue
+            if separate_head and module is head:
+                continue
+            if any(t.device.type == "meta" for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]):
+                _materialize_own(module, name, self.source, dtype)
+
+    def after_capture(self, model: nn.Module) -> None:
+        """Write every float tensor outside the decoder layers (not a quantized lm_head), then free the
+        input embeddings: nothing needs them again."""
+        for p in self.plan:
+            if not p.module and not p.key.startswith(self.layers_prefix):
+                self._write_float(p)
+        emb = model.get_input_embeddings()
+        if emb is not None:
+            release(emb)
+
+    def load_layer(self, layer: nn.Module, prefix: str, dtype: torch.dtype, device) -> nn.Module:
+        materialize(layer, prefix, self.source, dtype, device)
+        return layer
+
+    def source_weight(self, module_name: str) -> torch.Tensor:
+        return self.source.get(f"{module_name}.weight", torch.float32)
+
+    def emit(self, module_name: str, tensors: dict[str, torch.Tensor]) -> None:
+        for leaf, t in tensors.items():
+            self.writer.write(f"{module_name}.{leaf}", t)
+
+    def finish_layer(self, layer: nn.Module, prefix: str) -> None:
+        """Write the layer's float tensors (norms, biases) from the source, then free the layer."""
+        for p in self.plan:
+            if not p.module and p.key.startswith(prefix + "."):
+                self._write_float(p)
+        release(layer)
+
+    def close(self) -> None:
+        self.writer.close()
+
+    def abort(self) -> None:
+        self.writer._close_fds()
+
+    # ---- helpers ----
+
+    def _write_float(self, p: PlannedTensor) -> None:
+        if not self.source.has(p.key):  # a buffer the model computes itself
+            self.writer.write(p.spec.name, checkpoint_value(p, self.state[p.key]))
+            return
+        spec = p.spec
+        if spec.nbytes <= CHUNK_BYTES or not spec.shape:
+            self.writer.write(spec.name, checkpoint_value(p, self.source.get(p.key, torch.float32)))
+            return
+        step = max(1, CHUNK_BYTES // max(1, spec.row_bytes))
+        for start in range(0, spec.shape[0], step):
+            rows = self.source.rows(p.key, start, min(start + step, spec.shape[0]))
+            if rows.is_floating_point():
+                rows = rows.to(torch.float32)
+            self.writer.write(spec.name, checkpoint_value(p, rows), row=start)
+
+
+def _materialize_own(module: nn.Module, name: str, source: SafetensorsSource, dtype: torch.dtype) -> None:
+    """`materialize` for the module's own tensors only (not its children's)."""
+    for leaf, t in list(module._parameters.items()):
+        if t is not None and t.device.type == "meta":
+            key = f"{name}.{leaf}" if name else leaf
+            module._parameters[leaf] = nn.Parameter(source.get(key, dtype if t.is_floating_point() else None),
+                                                    requires_grad=False)
+    for leaf, t in list(module._buffers.items()):
+        if t is not None and t.device.type == "meta":
+            key = f"{name}.{leaf}" if name else leaf
+            module._buffers[leaf] = source.get(key, dtype if t.is_floating_point() else None)
