@@ -71,8 +71,8 @@ def test_indefinite_hessian_error_or_rtn_fallback():
     acc.xtx = -acc.xtx  # negative definite: no damping up to 100% of the mean diagonal makes it PD
     with pytest.raises(OptqError, match=r"layer 3 module m: GPTQ cannot solve it: .*not positive definite"
                                         r".*--allow-rtn-fallback"):
-        _solve_module(w, acc, cfg, "layer 3 module m", allow_rtn_fallback=False)
-    qw, loss, damp, note = _solve_module(w, acc, cfg, "layer 3 module m", allow_rtn_fallback=True)
+        _solve_module(w, acc, cfg, "layer 3 module m", allow_rtn_fallback=False, last_user=False)
+    qw, loss, damp, note = _solve_module(w, acc, cfg, "layer 3 module m", allow_rtn_fallback=True, last_user=False)
     assert note.startswith("rtn fallback: ") and "not positive definite" in note
     torch.testing.assert_close(qw.dequantize(), rtn_quantize(w, cfg.grid(), 16).dequantize(), rtol=0, atol=0)
     # a positive definite one is solved, not rounded

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .config import QuantizeConfig
-from .core.gptq import HessianAccumulator, NotPositiveDefiniteError, gptq_solve
+from .core.gptq import HessianAccumulator, NotPositiveDefiniteError, Owned, gptq_solve
 from .core.grid import QuantizedWeight, rtn_quantize
 from .errors import OptqError
 from .formats.gptq import module_packable, pack_module
@@ -468,7 +468,7 @@ def _untie(model: nn.Module, head: nn.Module) -> None:
 
 
 def _solve_one(
-    w: torch.Tensor, h: torch.Tensor | None, mcfg: QuantizeConfig, cross_term: torch.Tensor | None = None
+    w: torch.Tensor, h, mcfg: QuantizeConfig, cross_term: torch.Tensor | None = None,
 ) -> tuple[QuantizedWeight, float, float]:
     spec = mcfg.grid()
     if mcfg.method == "rtn":
@@ -481,7 +481,8 @@ def _solve_one(
 
 
 def _solve_module(
-    w: torch.Tensor, acc: HessianAccumulator | None, mcfg: QuantizeConfig, where: str, allow_rtn_fallback: bool
+    w: torch.Tensor, acc: HessianAccumulator | None, mcfg: QuantizeConfig, where: str, allow_rtn_fallback: bool,
+    last_user: bool = True,
 ) -> tuple[QuantizedWeight, float, float, str]:
     """(weight, loss, damp, log note) for one module. A module GPTQ cannot solve (no calibration tokens
     reached it, as happens to an MoE expert no token is routed to, or a Hessian no damping makes positive
@@ -491,12 +492,14 @@ def _solve_module(
     if acc.tokens == 0:
         reason = "no calibration tokens reached it"
     else:
-        h = acc.hessian()
-        if not torch.isfinite(h).all():
+        cross = acc.cross_term()
+        # The last module reading this accumulator gives it up to the solver: one d x d copy fewer.
+        h = Owned(acc.take_hessian() if last_user else acc.hessian())
+        if not torch.isfinite(h.tensor).all():
             raise OptqError(f"{where}: its inputs on the calibration data hold NaN or Inf; check the model's "
                             "weights, or calibrate in float32 (--compute-dtype float32) if float16 overflows")
         try:
-            return (*_solve_one(w, h, mcfg, acc.cross_term()), "")
+            return (*_solve_one(w, h, mcfg, cross), "")
         except NotPositiveDefiniteError as e:
             reason = str(e)
     if not allow_rtn_fallback:
@@ -630,7 +633,7 @@ def quantize_model(
                     raise OptqError(f"layer {index} module {full}: the weight holds NaN or Inf")
                 acc = accs.pop(loc, None)
                 qw, loss, damp, note = _solve_module(w, acc, mcfg, f"layer {index} module {full}",
-                                                     allow_rtn_fallback)
+                                                     allow_rtn_fallback, not any(a is acc for a in accs.values()))
                 del w
                 deq = qw.dequantize()
                 set_linear_weight(module, deq)
