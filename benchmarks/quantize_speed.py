@@ -67,7 +67,7 @@ def read_log(path: Path) -> float:
 
 def optq_run(model: Path, out: Path, a, cal: str) -> dict:
     cmd = optq_cmd("quantize", str(model), str(out), "--bits", str(a.bits), "--group-size", str(a.group_size),
-                   "--dataset", cal, "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--quiet",
+                   "--dataset", cal, "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen),
                    "--overwrite", *a.optq_flags.split())
     timing = run_timed(cmd, out.with_suffix(".log"))
     timing["solve_seconds"] = read_log(out / "quant_log.csv")

@@ -108,3 +108,26 @@ def test_bf16_compute_close_to_fp32():
     ids = w[0]
     with torch.no_grad():
         torch.testing.assert_close(a(ids).logits, b(ids).logits, atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_block_replay_is_bit_identical(model_type, monkeypatch):
+    """Later passes replay finished attention/MLP blocks from their last linear's kept input instead of
+    recomputing them; the quantized weights must be exactly those of recomputing every block."""
+    import optq.pipeline as pipeline
+
+    replays = []
+    install = pipeline._BlockReplay.install
+    monkeypatch.setattr(pipeline._BlockReplay, "install", lambda self: (install(self), replays.append(self)))
+    results = {}
+    for flag in (True, False):
+        monkeypatch.setattr(pipeline, "BLOCK_REPLAY", flag)
+        model = _random_model(model_type)
+        results[flag] = quantize_model(model, _windows(model.config.vocab_size), QuantizeConfig(bits=4, group_size=32),
+                                       progress=False).modules
+    assert replays, "no block was replayed"
+    for name, tensors in results[False].items():
+        for leaf, t in tensors.items():
+            assert torch.equal(results[True][name][leaf], t), (name, leaf)
+    if model_type in ("llama", "qwen2", "mistral"):  # blocks that return their last linear's output
+        assert all(r.state == "on" for r in replays), [(r.name, r.state) for r in replays]

@@ -49,7 +49,10 @@ class ModuleLog:
                 self.samples, f"{self.seconds:.3f}", self.note]
 
 
-RTN_FALLBACK = "rtn fallback"  # ModuleLog.note prefix of a module rounded to nearest instead of solved
+RTN_FALLBACK = "rtn fallback"
+# Replay finished attention/MLP blocks in later passes instead of recomputing them (_BlockReplay); the
+# result is bit-identical either way (tests/test_streaming.py switches it off to check).
+BLOCK_REPLAY = True  # ModuleLog.note prefix of a module rounded to nearest instead of solved
 
 
 @dataclass
@@ -237,8 +240,10 @@ class HiddenStates:
             out.release(j)
         return out
 
-    def empty_like(self) -> "HiddenStates":
-        return HiddenStates(self.shapes, self.dtype, self.device, self.spill_dir)
+    def empty_like(self, last_dim: int | None = None) -> "HiddenStates":
+        """A store of the same windows (with another last dimension, if given), in memory or spilled alike."""
+        shapes = self.shapes if last_dim is None else [(*s[:-1], last_dim) for s in self.shapes]
+        return HiddenStates(shapes, self.dtype, self.device, self.spill_dir)
 
     def __len__(self) -> int:
         return len(self.shapes)
@@ -308,10 +313,13 @@ class _GroupCollector:
     """Forward pre-hooks that accumulate Hessians for a group of modules; modules reading the same input
     tensor share one accumulator. The forward pass stops once every module of the group has been reached."""
 
-    def __init__(self, modules: dict[str, nn.Module], device, asymmetric: bool = False):
+    def __init__(self, modules: dict[str, nn.Module], device, asymmetric: bool = False,
+                 keep: dict[str, "HiddenStates"] | None = None):
         self.modules = modules
         self.device = device
         self.asymmetric = asymmetric
+        self.keep = keep or {}  # module -> where its input of each window is kept (for a block replay)
+        self.window = 0
         self.acc: dict[str, HessianAccumulator] = {}
         self._seen: set[str] = set()
         self._inputs: list[tuple[torch.Tensor, HessianAccumulator]] = []
@@ -321,6 +329,8 @@ class _GroupCollector:
     def _hook(self, name):
         def hook(module, args):
             x = args[0]
+            if name in self.keep:
+                self.keep[name][self.window] = x
             x_ref = self._reference.get(name) if self.asymmetric else None
             shared = next((a for t, a in self._inputs if t is x), None)
             if name not in self.acc:
@@ -342,11 +352,14 @@ class _GroupCollector:
         return hook
 
     def run(self, layer: nn.Module, inputs: list, reference_layer: nn.Module | None = None,
-            reference_inputs: list | None = None) -> None:
+            reference_inputs: list | None = None, replays: list["_BlockReplay"] = ()) -> None:
         """Accumulate over `inputs`; when asymmetric, `reference_layer` (the float layer) run on
         `reference_inputs` (the float model's hidden states) gives each module's reference inputs."""
         with torch.no_grad():
             for j, (hidden, args, kwargs) in enumerate(inputs):
+                self.window = j
+                for r in replays:
+                    r.window = j
                 if self.asymmetric:
                     self._reference = _module_inputs(reference_layer, list(self.modules), reference_inputs[j])
                 self._seen.clear()
@@ -361,6 +374,78 @@ class _GroupCollector:
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
+
+
+class _BlockReplay:
+    """Replays a finished block of a layer (attention, MLP) instead of recomputing it.
+
+    Once every linear of a block is quantized and the block's input is final, the block's output is its last
+    linear applied to that linear's input, which the pass that collected its Hessian saw and kept. So the
+    later passes over the layer (the next groups' and the output pass) skip the block's work (q/k/v and
+    attention; gate/up), and give the same bits: the same module meets the same tensor. Whether the block's
+    output really is that linear's output (not a copy, a sum, ...) is checked on the first window, which runs
+    normally; a block that fails the check runs normally throughout."""
+
+    def __init__(self, name: str, block: nn.Module, linear: nn.Module, kept: "HiddenStates"):
+        self.name, self.block, self.linear, self.kept = name, block, linear, kept
+        self.window = 0
+        self.slot: int | None = None  # where the linear's output sits in the block's output tuple (-1: it is it)
+        self.template = None
+        self.state = "verify"
+
+    def install(self) -> None:
+        original = type(self.block).forward.__get__(self.block)
+
+        def forward(*args, **kwargs):
+            if self.state == "on":
+                y = self.linear(self.kept[self.window])
+                self.kept.release(self.window)
+                if self.slot == -1:
+                    return y
+                return (*self.template[:self.slot], y, *self.template[self.slot + 1:])
+            if self.state == "off":
+                return original(*args, **kwargs)
+            seen = []
+            handle = self.linear.register_forward_hook(lambda m, a, out: seen.append(out))
+            try:
+                out = original(*args, **kwargs)
+            finally:
+                handle.remove()
+            self.state = "off"
+            if len(seen) == 1:
+                if out is seen[0]:
+                    self.slot, self.state = -1, "on"
+                elif isinstance(out, tuple):
+                    hits = [i for i, o in enumerate(out) if o is seen[0]]
+                    others = [o for i, o in enumerate(out) if i not in hits]
+                    if len(hits) == 1 and not any(isinstance(o, torch.Tensor) for o in others):
+                        self.slot, self.template, self.state = hits[0], out, "on"
+            if self.state == "off":
+                log.debug("%s: its output is not its last linear's; recomputed in every pass", self.name)
+            return out
+
+        self.block.forward = forward
+
+    def remove(self) -> None:
+        self.block.__dict__.pop("forward", None)
+
+
+def _replay_candidates(groups: list, layer: nn.Module) -> dict[int, tuple[str, str]]:
+    """Group index -> (block, linear) where that group quantizes the block's last unquantized linear and is
+    that linear alone in the block (o_proj of self_attn, down_proj of mlp)."""
+    out = {}
+    for gi, members in enumerate(groups):
+        for loc, _, _ in members:
+            block, _, leaf = loc.rpartition(".")
+            if not block:
+                continue
+            in_block = [m for m, _, _ in members if m.rpartition(".")[0] == block]
+            later = [m for g in groups[gi + 1:] for m, _, _ in g if m.rpartition(".")[0] == block]
+            linears = [n for n, m in get_submodule(layer, block).named_modules() if isinstance(m, nn.Linear)
+                       or type(m).__name__ == "Conv1D"]
+            if in_block == [loc] and not later and len(linears) >= 1:
+                out[gi] = (block, loc)
+    return out
 
 
 def _module_inputs(layer: nn.Module, names: list[str], entry) -> dict[str, torch.Tensor]:
@@ -570,11 +655,16 @@ def quantize_model(
     if captured is not None:
         captured = _shared_arguments([_to(entry, device, compute_dtype) for entry in captured])
         hidden_bytes = sum(h.numel() * h.element_size() for h, _, _ in captured)
-        # A layer's inputs and outputs are held at once (and the float stream's too, for GPTAQ).
-        spill = max_activation_memory is not None and hidden_bytes * (4 if asymmetric else 2) > max_activation_memory
+        # A layer's inputs and outputs are held at once (and the float stream's too, for GPTAQ), and the
+        # inputs of the blocks' last linears that the later passes replay (see _BlockReplay).
+        first_plan, _ = _module_plan(layers[0], f"{layers_path}.0", spec.groups, config, [], 0, quiet=True)
+        width = captured[0][0].shape[-1]
+        replay_bytes = sum(hidden_bytes // width * linear_shape(get_submodule(layers[0], loc))[0]
+                           for _, loc in _replay_candidates(first_plan, layers[0]).values()) if BLOCK_REPLAY else 0
+        need = hidden_bytes * (4 if asymmetric else 2) + replay_bytes
+        spill = max_activation_memory is not None and need > max_activation_memory
         if spill:
-            log.info("calibration hidden states (%.0f MB per layer) spill to a file in %s", hidden_bytes / 1e6,
-                     spill_dir)
+            log.info("calibration activations (%.0f MB per layer) spill to a file in %s", need / 1e6, spill_dir)
         store = HiddenStates.spilled if spill else HiddenStates.in_memory
         hidden = [h for h, _, _ in captured]
         extras = [(a, k) for _, a, k in captured]
@@ -612,13 +702,20 @@ def quantize_model(
                     emit(full, weights[full], mcfg)
             rows.extend(ModuleLog(**r) for r in saved_rows)
             plan = []  # nothing left to solve in this layer
-        for members in plan:
+        candidates = _replay_candidates(plan, work) if needs_data and BLOCK_REPLAY else {}
+        replays: list[_BlockReplay] = []
+        for gi, members in enumerate(plan):
             accs: dict[str, HessianAccumulator] = {}
+            keep = {}
+            if gi in candidates:
+                block, loc = candidates[gi]
+                in_f = linear_shape(get_submodule(work, loc))[0]
+                keep[loc] = inputs.hidden.empty_like(last_dim=in_f)
             if needs_data:
                 collector = _GroupCollector({loc: get_submodule(work, loc) for loc, _, _ in members}, device,
-                                            asymmetric=asymmetric)
+                                            asymmetric=asymmetric, keep=keep)
                 try:
-                    collector.run(work, inputs, float_layer, float_inputs)
+                    collector.run(work, inputs, float_layer, float_inputs, replays)
                 finally:
                     collector.remove()
                 # a module the forward never reached (an MoE expert no token was routed to) has no accumulator
@@ -651,6 +748,12 @@ def quantize_model(
                     on_module(entry)
                 fault_point(f"module:{index}")
             accs.clear()
+            if keep:  # the block is final from here on: later passes replay it
+                block, loc = candidates[gi]
+                replays.append(_BlockReplay(f"{prefix}.{block}", get_submodule(work, block),
+                                            get_submodule(work, loc), keep[loc]))
+                replays[-1].install()
+            del keep
         if state is not None and saved is None:
             state.save(index, layer_weights, layer_rows)
             fault_point(f"layer:{index}")
@@ -659,6 +762,8 @@ def quantize_model(
             outputs = inputs.hidden.empty_like()
             with torch.no_grad():
                 for j, (hidden, args, kwargs) in enumerate(inputs):
+                    for r in replays:
+                        r.window = j
                     out = _layer_output(work(hidden, *args, **kwargs))
                     if not torch.isfinite(out).all():
                         raise OptqError(f"layer {index}: its outputs hold NaN or Inf on the calibration data")
@@ -674,6 +779,9 @@ def quantize_model(
                 float_inputs = float_inputs.with_hidden(float_outputs)
                 del float_layer
             inputs = inputs.with_hidden(outputs)
+        for r in replays:
+            r.remove()
+        del replays
         if stream is not None:
             stream.finish_layer(layer, prefix)
         elif device.type != "cpu":

@@ -220,44 +220,52 @@ def gptq_solve(
         group_of_pos = orig_index // group_size
     else:
         group_of_pos = torch.arange(cols, device=w.device) // group_size
+    group_list = group_of_pos.tolist()
 
     scale_col = zero_col = None
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         count = i2 - i1
-        w1 = w[:, i1:i2].clone()
-        q1 = torch.zeros_like(w1)
-        err1 = torch.zeros_like(w1)
-        pre1 = torch.zeros_like(w1) if p is not None else None  # columns as they stood when quantized
+        # The block transposed: column i is the contiguous row w1t[i], and the update of the columns after it
+        # is one in-place rank-1 update (BLAS ger) of contiguous rows, with no temporary.
+        w1t = w[:, i1:i2].T.contiguous()
+        q1t = torch.empty_like(w1t)
+        err1t = torch.empty_like(w1t)
+        pre1t = w1t.clone() if p is not None else None  # columns as they stand when quantized (filled below)
         hinv1 = hinv[i1:i2, i1:i2]
         p1 = p[i1:i2, i1:i2] if p is not None else None
+        diag = hinv1.diagonal().tolist()
         for i in range(count):
             col = i1 + i
             if fixed_params is not None:
-                g = int(group_of_pos[col])
+                g = group_list[col]
                 scale_col, zero_col = scales[g], zeros[g]
             elif col % group_size == 0:
                 scale_col, zero_col = find_params(w[:, col : col + group_size], spec)
                 scales[col // group_size], zeros[col // group_size] = scale_col, zero_col
-            wc = w1[:, i]
-            d = hinv1[i, i]
+            wc = w1t[i]
             qc = quantize(wc, scale_col, zero_col, maxq)
-            deq = scale_col * (qc - zero_col)
-            q1[:, i] = qc
-            losses += ((wc - deq) ** 2 / d**2 / 2).double()
-            e = (wc - deq) / d
-            update = e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
-            if p1 is not None:
-                update -= wc.unsqueeze(1) * p1[i, i:].unsqueeze(0)
-                pre1[:, i] = wc
-            w1[:, i:] -= update
-            err1[:, i] = e
-        q_all[:, i1:i2] = q1
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-        if p is not None:
-            # The same column values as the in-block updates used, so lazy blocks equal column-by-column updates
-            # (the GPTAQ reference uses the quantized values here; the two differ by (w - q) P, second order).
-            w[:, i2:] += pre1 @ p[i1:i2, i2:]
+            q1t[i] = qc
+            e = err1t[i]
+            torch.sub(wc, scale_col * (qc - zero_col), out=e)
+            e.div_(diag[i])
+            if i + 1 < count:
+                w1t[i + 1:].addr_(hinv1[i, i + 1:], e, alpha=-1)
+                if p1 is not None:
+                    pre1t[i] = wc
+                    w1t[i + 1:].addr_(p1[i, i + 1:], wc, alpha=1)
+            elif p1 is not None:
+                pre1t[i] = wc
+        # loss: (w - q)^2 / [H^-1]_cc^2 / 2 summed, i.e. e^2 / 2
+        losses += err1t.double().pow(2).sum(0) / 2
+        q_all[:, i1:i2] = q1t.T
+        if i2 < cols:
+            w[:, i2:].addmm_(err1t.T, hinv[i1:i2, i2:], alpha=-1)
+            if p is not None:
+                # The same column values as the in-block updates used, so lazy blocks equal column-by-column
+                # updates (the GPTAQ reference uses the quantized values here; they differ by (w - q) P,
+                # second order).
+                w[:, i2:].addmm_(pre1t.T, p[i1:i2, i2:])
 
     if perm is not None:
         inv = torch.argsort(perm)
