@@ -114,10 +114,11 @@ def _to(obj, device, dtype=None):
 class _Catcher(nn.Module):
     """Stands in for decoder layer 0: records its inputs, then stops the forward pass."""
 
-    def __init__(self, layer: nn.Module, store: list):
+    def __init__(self, layer: nn.Module, store: list, device=None, dtype=None):
         super().__init__()
         self.layer = layer
         self.store = store
+        self.device, self.dtype = device, dtype
 
     def __getattr__(self, name):
         # Models read attributes of their layers (e.g. Gemma's attention_type): answer for the real layer.
@@ -135,7 +136,9 @@ class _Catcher(nn.Module):
         for cache_arg in ("past_key_values", "past_key_value", "layer_past"):
             if kwargs.get(cache_arg) is not None:
                 raise OptqError("decoder layer received a KV cache during calibration; this model is not supported")
-        self.store.append((hidden.detach(), args, kwargs))
+        entry = (hidden.detach(), args, kwargs)
+        # converted window by window: all windows in the model's dtype at once would double the peak
+        self.store.append(_to(entry, self.device, self.dtype) if self.device is not None else entry)
         raise _StopForward
 
 
@@ -143,11 +146,13 @@ def _layer_output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, windows: list[torch.Tensor], device) -> list:
-    """(hidden_states, positional args, kwargs) of each calibration window at the input of decoder layer 0."""
+def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, windows: list[torch.Tensor], device,
+                         dtype: torch.dtype | None = None) -> list:
+    """(hidden_states, positional args, kwargs) of each calibration window at the input of decoder layer 0,
+    moved to `device` and, if given, their floating point tensors converted to `dtype`."""
     store: list = []
     first = layers[0]
-    layers[0] = _Catcher(first, store)
+    layers[0] = _Catcher(first, store, torch.device(device) if dtype is not None else None, dtype)
     moved = device != torch.device("cpu")
     try:
         if moved:  # everything but the decoder layers goes to the device for this one pass
@@ -430,7 +435,7 @@ class _BlockReplay:
         self.block.__dict__.pop("forward", None)
 
 
-def _replay_candidates(groups: list, layer: nn.Module) -> dict[int, tuple[str, str]]:
+def _replay_candidates(groups: list) -> dict[int, tuple[str, str]]:
     """Group index -> (block, linear) where that group quantizes the block's last unquantized linear and is
     that linear alone in the block (o_proj of self_attn, down_proj of mlp)."""
     out = {}
@@ -441,9 +446,7 @@ def _replay_candidates(groups: list, layer: nn.Module) -> dict[int, tuple[str, s
                 continue
             in_block = [m for m, _, _ in members if m.rpartition(".")[0] == block]
             later = [m for g in groups[gi + 1:] for m, _, _ in g if m.rpartition(".")[0] == block]
-            linears = [n for n, m in get_submodule(layer, block).named_modules() if isinstance(m, nn.Linear)
-                       or type(m).__name__ == "Conv1D"]
-            if in_block == [loc] and not later and len(linears) >= 1:
+            if in_block == [loc] and not later:
                 out[gi] = (block, loc)
     return out
 
@@ -646,21 +649,21 @@ def quantize_model(
 
     if stream is not None:
         stream.prepare_capture(model, model_dtype)
-    captured = capture_layer_inputs(model, layers, windows, device) if needs_data else None
+    captured = capture_layer_inputs(model, layers, windows, device, compute_dtype) if needs_data else None
     if stream is not None:
         stream.after_capture(model)
     # GPTAQ follows the float model's hidden states alongside the quantized model's.
     asymmetric = needs_data and config.gptaq
     inputs = float_inputs = None
     if captured is not None:
-        captured = _shared_arguments([_to(entry, device, compute_dtype) for entry in captured])
+        captured = _shared_arguments(captured)
         hidden_bytes = sum(h.numel() * h.element_size() for h, _, _ in captured)
         # A layer's inputs and outputs are held at once (and the float stream's too, for GPTAQ), and the
         # inputs of the blocks' last linears that the later passes replay (see _BlockReplay).
         first_plan, _ = _module_plan(layers[0], f"{layers_path}.0", spec.groups, config, [], 0, quiet=True)
         width = captured[0][0].shape[-1]
         replay_bytes = sum(hidden_bytes // width * linear_shape(get_submodule(layers[0], loc))[0]
-                           for _, loc in _replay_candidates(first_plan, layers[0]).values()) if BLOCK_REPLAY else 0
+                           for _, loc in _replay_candidates(first_plan).values()) if BLOCK_REPLAY else 0
         need = hidden_bytes * (4 if asymmetric else 2) + replay_bytes
         spill = max_activation_memory is not None and need > max_activation_memory
         if spill:
@@ -702,7 +705,7 @@ def quantize_model(
                     emit(full, weights[full], mcfg)
             rows.extend(ModuleLog(**r) for r in saved_rows)
             plan = []  # nothing left to solve in this layer
-        candidates = _replay_candidates(plan, work) if needs_data and BLOCK_REPLAY else {}
+        candidates = _replay_candidates(plan) if needs_data and BLOCK_REPLAY else {}
         replays: list[_BlockReplay] = []
         for gi, members in enumerate(plan):
             accs: dict[str, HessianAccumulator] = {}
