@@ -233,3 +233,17 @@ def test_gptaq_lazy_blocks_match_unblocked(group_size):
     whole = gptq_solve(w, h, spec, block_size=cols, **kw).weight.qweight.long()
     assert (blocked != whole).float().mean() <= 0.01
     assert (blocked - whole).abs().max() <= 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_hessian_is_float32_accurate_for_bf16_and_float32_inputs(dtype):
+    """bf16 inputs take the bf16-multiply / float32-accumulate path (exact products); float32 inputs must not
+    (their bf16 rounding would cost ~1e-3). Both must match a float64 sum to float32 accuracy."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(4096, 256, generator=g) * torch.linspace(0.1, 30, 256)).to(dtype)
+    acc = HessianAccumulator(256)
+    for chunk in x.split(1024):
+        acc.add(chunk)
+    ref = 2 * x.double().T @ x.double() / x.shape[0]
+    rel = ((acc.hessian().double() - ref).abs().max() / ref.abs().max()).item()
+    assert rel < 2e-6, rel

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.hardware import native_bf16
 from ..errors import OptqError
 from .registry import arch_spec
 
@@ -27,12 +28,6 @@ TOKENIZER_FILES = (
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def native_bf16() -> bool:
-    """Whether this CPU computes in bfloat16 natively (AVX-512 BF16 or AMX)."""
-    caps = torch.cpu.get_capabilities()
-    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
