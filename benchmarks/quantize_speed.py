@@ -87,6 +87,8 @@ def main() -> None:
     ap.add_argument("--work", default=str(REPO / "bench-output" / "quantize-speed"))
     ap.add_argument("--gptqmodel-venv", default="/tmp/optq-gptqmodel-venv")
     ap.add_argument("--skip-eval", action="store_true", help="--vs-gptqmodel: no perplexity runs")
+    ap.add_argument("--spill-variant", default="256MB",
+                    help="--vs-gptqmodel: also run optq with this --max-activation-memory ('' to skip)")
     a = ap.parse_args()
     work = Path(a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -111,6 +113,15 @@ def main() -> None:
         model = float_dir
         out = work / "optq"
         rows.append({"tool": "optq", **optq_run(model, out, a, str(wiki_valid))})
+        if a.spill_variant:
+            # the same run with the calibration activations spilled to a memory-mapped file: same bytes
+            spilled = work / "optq-spilled"
+            flags = a.optq_flags
+            a.optq_flags = f"{flags} --max-activation-memory {a.spill_variant}"
+            rows.append({"tool": f"optq (spill > {a.spill_variant})", **optq_run(model, spilled, a, str(wiki_valid))})
+            a.optq_flags = flags
+            same = all((out / f.name).read_bytes() == f.read_bytes() for f in spilled.glob("*.safetensors"))
+            rows[-1]["same_bytes_as_optq"] = same
         gq_python = Path(a.gptqmodel_venv) / "bin" / "python"
         if not gq_python.exists():
             raise SystemExit(f"{gq_python} is missing: run benchmarks/gptqmodel_env.sh first")
@@ -123,7 +134,7 @@ def main() -> None:
         shutil.rmtree(gout, ignore_errors=True)
         rows.append({"tool": "GPTQModel 7.7", **run_timed(cmd, gout.with_suffix(".log"))})
         if not a.skip_eval:
-            for row, path in zip(rows, (out, gout)):
+            for row, path in zip((rows[0], rows[-1]), (out, gout)):
                 res = evaluate(path, work / f"eval-{path.name}.json", "bfloat16", work / f"eval-{path.name}.log")
                 (work / f"eval-{path.name}.json").unlink()  # always re-evaluated: the checkpoint is new
                 row["perplexity"] = res["perplexity"]
@@ -157,9 +168,10 @@ def main() -> None:
     for r in rows:
         print(f"{r['tool']:14s} {r['seconds']:8.1f} {r['peak_rss_mb']:12.0f} {r['floor_share']:11.1%} "
               f"{r.get('perplexity', float('nan')):10.3f}")
-    if len(rows) == 2:
-        print(f"optq / GPTQModel: time {rows[0]['seconds'] / rows[1]['seconds']:.2f}, "
-              f"peak RSS {rows[0]['peak_rss_mb'] / rows[1]['peak_rss_mb']:.2f}")
+    if a.vs_gptqmodel:
+        for r in rows[:-1]:
+            print(f"{r['tool']} / GPTQModel: time {r['seconds'] / rows[-1]['seconds']:.2f}, "
+                  f"peak RSS {r['peak_rss_mb'] / rows[-1]['peak_rss_mb']:.2f}")
     result = {"benchmark": "quantize_speed", "machine": machine_info(), "args": vars(a), "rates": rates,
               "flops": flops, "floor_seconds": floor, "model_gb": size_gb, "rows": rows}
     name = "vs-gptqmodel" if a.vs_gptqmodel else model.name
