@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -37,18 +38,38 @@ def machine_info() -> dict:
     }
 
 
+# Peak RSS of a command, measured cleanly: Linux carries a process's ru_maxrss across exec, so a command
+# started straight from this (large, torch-importing) process would report at least this process's size. This
+# small trampoline forks first (a fork starts a fresh maximum) and reports the grandchild's own peak.
+_TRAMPOLINE = """
+import json, os, sys
+out, cmd = sys.argv[1], sys.argv[2:]
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(cmd[0], cmd)
+    finally:
+        os._exit(127)
+_, status, usage = os.wait4(pid, 0)
+json.dump({"peak_rss_kb": usage.ru_maxrss, "code": os.waitstatus_to_exitcode(status)}, open(out, "w"))
+sys.exit(min(255, abs(os.waitstatus_to_exitcode(status))))
+"""
+
+
 def run_timed(cmd: list[str], log: Path, env: dict | None = None) -> dict:
-    """Run `cmd`, output to `log`; wall seconds and the child's own peak RSS (from the kernel, via wait4)."""
+    """Run `cmd`, output to `log`; wall seconds and the command's own peak RSS (from the kernel, via wait4)."""
+    usage_file = log.with_name(log.name + ".usage.json")
     t0 = time.perf_counter()
     with log.open("w") as f:
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-        _, status, usage = os.wait4(p.pid, 0)
+        p = subprocess.run([sys.executable, "-c", _TRAMPOLINE, str(usage_file), *cmd], stdout=f,
+                           stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     seconds = time.perf_counter() - t0
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
+    usage = json.loads(usage_file.read_text())
+    usage_file.unlink()
+    if usage["code"] != 0 or p.returncode != 0:
         tail = log.read_text()[-3000:]
-        raise RuntimeError(f"{' '.join(cmd)} failed with {code}; log {log}:\n{tail}")
-    return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024}
+        raise RuntimeError(f"{' '.join(cmd)} failed with {usage['code']}; log {log}:\n{tail}")
+    return {"seconds": seconds, "peak_rss_mb": usage["peak_rss_kb"] / 1024}
 
 
 def optq_cmd(*args: str) -> list[str]:
