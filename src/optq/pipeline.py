@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .config import QuantizeConfig
-from .core.gptq import HessianAccumulator, NotPositiveDefiniteError, Owned, gptq_solve
+from .core.gptq import HessianAccumulator, NotPositiveDefiniteError, Owned, all_finite, gptq_solve
 from .core.grid import QuantizedWeight, rtn_quantize
 from .errors import OptqError
 from .formats.gptq import module_packable, pack_module
@@ -556,11 +556,11 @@ def _untie(model: nn.Module, head: nn.Module) -> None:
 
 
 def _solve_one(
-    w: torch.Tensor, h, mcfg: QuantizeConfig, cross_term: torch.Tensor | None = None,
+    w, h, mcfg: QuantizeConfig, cross_term: torch.Tensor | None = None,
 ) -> tuple[QuantizedWeight, float, float]:
     spec = mcfg.grid()
     if mcfg.method == "rtn":
-        return rtn_quantize(w, spec, mcfg.group_size), 0.0, 0.0
+        return rtn_quantize(w.take() if isinstance(w, Owned) else w, spec, mcfg.group_size), 0.0, 0.0
     res = gptq_solve(
         w, h, spec, group_size=mcfg.group_size, desc_act=mcfg.desc_act, static_groups=mcfg.static_groups,
         damp_percent=mcfg.damp_percent, cross_term=cross_term if mcfg.gptaq else None, gptaq_alpha=mcfg.gptaq_alpha,
@@ -569,12 +569,13 @@ def _solve_one(
 
 
 def _solve_module(
-    w: torch.Tensor, acc: HessianAccumulator | None, mcfg: QuantizeConfig, where: str, allow_rtn_fallback: bool,
-    last_user: bool = True,
+    w, acc: HessianAccumulator | None, mcfg: QuantizeConfig, where: str, allow_rtn_fallback: bool,
+    last_user: bool = True, reload=None,
 ) -> tuple[QuantizedWeight, float, float, str]:
     """(weight, loss, damp, log note) for one module. A module GPTQ cannot solve (no calibration tokens
     reached it, as happens to an MoE expert no token is routed to, or a Hessian no damping makes positive
-    definite) is an error, or with `allow_rtn_fallback` is rounded to nearest and says so in its note."""
+    definite) is an error, or with `allow_rtn_fallback` is rounded to nearest and says so in its note.
+    An `Owned` w is given up to the solver (one weight copy fewer); `reload` then gives it again for RTN."""
     if mcfg.method == "rtn" or acc is None:
         return (*_solve_one(w, None, mcfg), "")
     if acc.tokens == 0:
@@ -583,7 +584,7 @@ def _solve_module(
         cross = acc.cross_term()
         # The last module reading this accumulator gives it up to the solver: one d x d copy fewer.
         h = Owned(acc.take_hessian() if last_user else acc.hessian())
-        if not torch.isfinite(h.tensor).all():
+        if not all_finite(h.tensor):
             raise OptqError(f"{where}: its inputs on the calibration data hold NaN or Inf; check the model's "
                             "weights, or calibrate in float32 (--compute-dtype float32) if float16 overflows")
         try:
@@ -594,6 +595,8 @@ def _solve_module(
         raise OptqError(f"{where}: GPTQ cannot solve it: {reason}; pass --allow-rtn-fallback to round it to "
                         "nearest instead (recorded in the checkpoint's quantization_config.meta.rtn_fallback)")
     log.warning("%s: %s; rounded to nearest instead (--allow-rtn-fallback)", where, reason)
+    if isinstance(w, Owned):
+        w = w.take() if w.tensor is not None else reload()
     return rtn_quantize(w, mcfg.grid(), mcfg.group_size), 0.0, 0.0, f"{RTN_FALLBACK}: {reason}"
 
 
@@ -732,9 +735,13 @@ def quantize_model(
                 if not torch.isfinite(w).all():
                     raise OptqError(f"layer {index} module {full}: the weight holds NaN or Inf")
                 acc = accs.pop(loc, None)
-                qw, loss, damp, note = _solve_module(w, acc, mcfg, f"layer {index} module {full}",
-                                                     allow_rtn_fallback, not any(a is acc for a in accs.values()))
+                if stream is not None:  # a fresh tensor read from disk: the solver may take it
+                    w = Owned(w)
+                qw, loss, damp, note = _solve_module(
+                    w, acc, mcfg, f"layer {index} module {full}", allow_rtn_fallback,
+                    not any(a is acc for a in accs.values()), reload=lambda: source_weight(module, full))
                 del w
+                return_freed_memory()  # the solve's d x d temporaries: give them back before the next module
                 deq = qw.dequantize()
                 set_linear_weight(module, deq)
                 if work is not layer:

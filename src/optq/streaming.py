@@ -14,6 +14,7 @@ from .formats.safetensors_writer import SafetensorsWriter
 from .models.lazy import SafetensorsSource, materialize, release
 from .models.registry import arch_spec
 from .pipeline import planned_modules
+from .sysmem import return_freed_memory
 
 log = logging.getLogger("optq")
 
@@ -50,7 +51,15 @@ class StreamedModel:
                 continue
             if separate_head and module is head:
                 continue
-            if any(t.device.type == "meta" for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]):
+            if not any(t.device.type == "meta" for t in [*module.parameters(recurse=False),
+                                                          *module.buffers(recurse=False)]):
+                continue
+            if type(module) is nn.Embedding:
+                # The table stays in the file's dtype (half of float32's 2 GB for an 8B model) and each
+                # looked-up row is cast: a gather then a cast gives the values of a cast then a gather.
+                module.weight = nn.Parameter(self.source.get(f"{name}.weight"), requires_grad=False)
+                module.register_forward_hook(lambda m, args, out: out.to(dtype))
+            else:
                 _materialize_own(module, name, self.source, dtype)
 
     def after_capture(self, model: nn.Module) -> None:
@@ -62,6 +71,7 @@ class StreamedModel:
         emb = model.get_input_embeddings()
         if emb is not None:
             release(emb)
+        return_freed_memory()
 
     def load_layer(self, layer: nn.Module, prefix: str, dtype: torch.dtype, device) -> nn.Module:
         materialize(layer, prefix, self.source, dtype, device)
