@@ -14,15 +14,14 @@ from safetensors import safe_open
 from torch import nn
 
 from ..errors import OptqError
+from ..formats.safetensors_writer import DTYPE_NAMES, INDEX_FILE
 
 
 class StreamingUnsupported(OptqError):
     """This model cannot be streamed (its tensors do not map one-to-one onto the model's); load it whole."""
 
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
+_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}  # safetensors' names -> torch dtypes
 
 
 class SafetensorsSource:
@@ -34,7 +33,7 @@ class SafetensorsSource:
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
-        index = self.folder / "model.safetensors.index.json"
+        index = self.folder / INDEX_FILE
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
