@@ -371,16 +371,3 @@ def write_config_files(folder: Path, model_config: dict[str, Any], quant_config:
     cfg["torch_dtype"] = dtype_name  # older readers (Transformers 4, vLLM) look here
     write_json(folder / "config.json", cfg)
     write_json(folder / QUANTIZE_CONFIG_FILE, quant_config)
-
-
-def write_checkpoint(
-    folder: Path,
-    model_config: dict[str, Any],
-    quant_config: dict[str, Any],
-    tensors: dict[str, torch.Tensor],
-    max_shard_size: int,
-    dtype: torch.dtype,
-) -> None:
-    """config.json (with quantization_config), quantize_config.json and the safetensors, into `folder`."""
-    write_config_files(folder, model_config, quant_config, dtype)
-    write_safetensors(folder, tensors, max_shard_size)
