@@ -60,7 +60,7 @@ class StreamedModel:
                 module.weight = nn.Parameter(self.source.get(f"{name}.weight"), requires_grad=False)
                 module.register_forward_hook(lambda m, args, out: out.to(dtype))
             else:
-                _materialize_own(module, name, self.source, dtype)
+                materialize(module, name, self.source, dtype, recurse=False)
 
     def after_capture(self, model: nn.Module) -> None:
         """Write every float tensor outside the decoder layers (not a quantized lm_head), then free the
@@ -113,16 +113,3 @@ class StreamedModel:
             if rows.is_floating_point():
                 rows = rows.to(torch.float32)
             self.writer.write(spec.name, checkpoint_value(p, rows), row=start)
-
-
-def _materialize_own(module: nn.Module, name: str, source: SafetensorsSource, dtype: torch.dtype) -> None:
-    """`materialize` for the module's own tensors only (not its children's)."""
-    for leaf, t in list(module._parameters.items()):
-        if t is not None and t.device.type == "meta":
-            key = f"{name}.{leaf}" if name else leaf
-            module._parameters[leaf] = nn.Parameter(source.get(key, dtype if t.is_floating_point() else None),
-                                                    requires_grad=False)
-    for leaf, t in list(module._buffers.items()):
-        if t is not None and t.device.type == "meta":
-            key = f"{name}.{leaf}" if name else leaf
-            module._buffers[leaf] = source.get(key, dtype if t.is_floating_point() else None)

@@ -158,10 +158,16 @@ def build_skeleton(folder: Path, dtype: torch.dtype, trust_remote_code: bool = F
 
 
 def materialize(module: nn.Module, prefix: str, source: SafetensorsSource, dtype: torch.dtype,
-                device: torch.device | str = "cpu") -> None:
+                device: torch.device | str = "cpu", recurse: bool = True) -> None:
     """Give `module` (named `prefix` in the model) its parameters and persistent buffers from `source`:
-    floating point ones in `dtype`, through float32 as a float32 load followed by `.to(dtype)` would."""
-    for name, t in list(module.state_dict(keep_vars=True).items()):
+    floating point ones in `dtype`, through float32 as a float32 load followed by `.to(dtype)` would, and its
+    computed buffers converted to `dtype`. `recurse=False`: the module's own tensors only, as they are."""
+    if recurse:
+        tensors = list(module.state_dict(keep_vars=True).items())
+    else:
+        tensors = [(k, t) for k, t in [*module._parameters.items(), *module._buffers.items()]
+                   if t is not None and t.device.type == "meta"]
+    for name, t in tensors:
         key = f"{prefix}.{name}" if prefix else name
         owner_name, _, leaf = name.rpartition(".")
         owner = module.get_submodule(owner_name) if owner_name else module
@@ -174,7 +180,7 @@ def materialize(module: nn.Module, prefix: str, source: SafetensorsSource, dtype
             owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
         else:
             owner._buffers[leaf] = value
-    for b_owner in module.modules():  # computed buffers (rotary tables) follow the dtype, as .to(dtype) does
+    for b_owner in module.modules() if recurse else ():  # computed buffers (rotary tables), as .to(dtype) does
         for leaf, b in b_owner._buffers.items():
             if b is not None and b.is_floating_point() and b.device.type != "meta" and b.dtype != dtype:
                 b_owner._buffers[leaf] = b.to(dtype)
