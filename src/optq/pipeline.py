@@ -142,15 +142,42 @@ class _Catcher(nn.Module):
         raise _StopForward
 
 
+class _CaptureStore:
+    """Where the capture puts each window as it is caught: its hidden states straight into a `HiddenStates`
+    (in memory, or spilled to a file as `spill(width, item_size)` decides on the first window, so the
+    activations are never all in memory at once), its arguments deduplicated against the earlier windows'."""
+
+    def __init__(self, lengths: list[int], spill, spill_dir):
+        self.lengths, self.spill, self.spill_dir = lengths, spill, spill_dir
+        self.hidden: HiddenStates | None = None
+        self.extras: list[tuple] = []
+        self._seen: dict[tuple, list[torch.Tensor]] = {}
+
+    def append(self, entry) -> None:
+        hidden, args, kwargs = entry
+        j = len(self.extras)
+        if self.hidden is None:
+            shapes = [(*hidden.shape[:-2], n, hidden.shape[-1]) for n in self.lengths]
+            spill = self.spill(hidden.shape[-1], hidden.element_size())
+            self.hidden = HiddenStates(shapes, hidden.dtype, hidden.device, self.spill_dir if spill else None)
+        if tuple(hidden.shape) != self.hidden.shapes[j]:
+            raise OptqError(f"calibration window {j}: decoder layer 0 received hidden states of shape "
+                            f"{tuple(hidden.shape)}, expected {self.hidden.shapes[j]}")
+        self.hidden[j] = hidden
+        self.hidden.release(j)
+        self.extras.append((_dedupe(args, self._seen), _dedupe(kwargs, self._seen)))
+
+
 def _layer_output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, windows: list[torch.Tensor], device,
-                         dtype: torch.dtype | None = None) -> list:
+                         dtype: torch.dtype | None = None, store=None):
     """(hidden_states, positional args, kwargs) of each calibration window at the input of decoder layer 0,
-    moved to `device` and, if given, their floating point tensors converted to `dtype`."""
-    store: list = []
+    moved to `device` and, if given, their floating point tensors converted to `dtype`: appended to `store`
+    (a list unless given)."""
+    store = [] if store is None else store
     first = layers[0]
     layers[0] = _Catcher(first, store, torch.device(device) if dtype is not None else None, dtype)
     moved = device != torch.device("cpu")
@@ -178,28 +205,23 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, windows: list[
 # ---- calibration hidden states ----------------------------------------------------------------------------
 
 
-def _shared_arguments(entries: list) -> list:
-    """Make equal tensors in the windows' positional/keyword arguments (position embeddings, masks: the same
-    for every window of one length) one tensor, so they are held once rather than once per window."""
-    seen: dict[tuple, list[torch.Tensor]] = {}
-
-    def dedupe(obj):
-        if isinstance(obj, torch.Tensor):
-            tag = (obj.dtype, tuple(obj.shape), obj.device)
-            for t in seen.setdefault(tag, []):
-                if t is obj or torch.equal(t, obj):
-                    return t
-            seen[tag].append(obj)
-            return obj
-        if isinstance(obj, tuple):
-            return tuple(dedupe(o) for o in obj)
-        if isinstance(obj, list):
-            return [dedupe(o) for o in obj]
-        if isinstance(obj, dict):
-            return {k: dedupe(v) for k, v in obj.items()}
+def _dedupe(obj, seen: dict[tuple, list[torch.Tensor]]):
+    """`obj` with each tensor replaced by an equal one already in `seen` (position embeddings, masks: the same
+    for every window of one length), so such arguments are held once rather than once per window."""
+    if isinstance(obj, torch.Tensor):
+        tag = (obj.dtype, tuple(obj.shape), obj.device)
+        for t in seen.setdefault(tag, []):
+            if t is obj or torch.equal(t, obj):
+                return t
+        seen[tag].append(obj)
         return obj
-
-    return [(hidden, dedupe(args), dedupe(kwargs)) for hidden, args, kwargs in entries]
+    if isinstance(obj, tuple):
+        return tuple(_dedupe(o, seen) for o in obj)
+    if isinstance(obj, list):
+        return [_dedupe(o, seen) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _dedupe(v, seen) for k, v in obj.items()}
+    return obj
 
 
 class HiddenStates:
@@ -231,18 +253,12 @@ class HiddenStates:
                 os.unlink(path)
             self._item = item
 
-    @classmethod
-    def in_memory(cls, tensors: list[torch.Tensor], spill_dir=None) -> "HiddenStates":
-        out = cls([tuple(t.shape) for t in tensors], tensors[0].dtype, tensors[0].device)
-        out._tensors = list(tensors)
-        return out
-
-    @classmethod
-    def spilled(cls, tensors: list[torch.Tensor], spill_dir) -> "HiddenStates":
-        out = cls([tuple(t.shape) for t in tensors], tensors[0].dtype, tensors[0].device, spill_dir)
-        for j, t in enumerate(tensors):
-            out[j] = t
+    def copy(self) -> "HiddenStates":
+        out = self.empty_like()
+        for j in range(len(self)):
+            out[j] = self[j]
             out.release(j)
+            self.release(j)
         return out
 
     def empty_like(self, last_dim: int | None = None) -> "HiddenStates":
@@ -336,6 +352,7 @@ class _GroupCollector:
             x = args[0]
             if name in self.keep:
                 self.keep[name][self.window] = x
+                self.keep[name].release(self.window)  # spilled: to the file now, not held until the replay
             x_ref = self._reference.get(name) if self.asymmetric else None
             shared = next((a for t, a in self._inputs if t is x), None)
             if name not in self.acc:
@@ -652,33 +669,35 @@ def quantize_model(
 
     if stream is not None:
         stream.prepare_capture(model, model_dtype)
-    captured = capture_layer_inputs(model, layers, windows, device, compute_dtype) if needs_data else None
-    if stream is not None:
-        stream.after_capture(model)
     # GPTAQ follows the float model's hidden states alongside the quantized model's.
     asymmetric = needs_data and config.gptaq
     inputs = float_inputs = None
-    if captured is not None:
-        captured = _shared_arguments(captured)
-        hidden_bytes = sum(h.numel() * h.element_size() for h, _, _ in captured)
+    if needs_data:
         # A layer's inputs and outputs are held at once (and the float stream's too, for GPTAQ), and the
         # inputs of the blocks' last linears that the later passes replay (see _BlockReplay).
         first_plan, _ = _module_plan(layers[0], f"{layers_path}.0", spec.groups, config, [], 0, quiet=True)
-        width = captured[0][0].shape[-1]
-        replay_bytes = sum(hidden_bytes // width * linear_shape(get_submodule(layers[0], loc))[0]
-                           for _, loc in _replay_candidates(first_plan).values()) if BLOCK_REPLAY else 0
-        need = hidden_bytes * (4 if asymmetric else 2) + replay_bytes
-        spill = max_activation_memory is not None and need > max_activation_memory
-        if spill:
+        replay_widths = sum(linear_shape(get_submodule(layers[0], loc))[0]
+                            for _, loc in _replay_candidates(first_plan).values()) if BLOCK_REPLAY else 0
+        tokens = sum(w.shape[-1] for w in windows)
+
+        def spill(width: int, item: int) -> bool:
+            need = tokens * item * (width * (4 if asymmetric else 2) + replay_widths)
+            if max_activation_memory is None or need <= max_activation_memory:
+                return False
             log.info("calibration activations (%.0f MB per layer) spill to a file in %s", need / 1e6, spill_dir)
-        store = HiddenStates.spilled if spill else HiddenStates.in_memory
-        hidden = [h for h, _, _ in captured]
-        extras = [(a, k) for _, a, k in captured]
-        del captured
-        inputs = LayerInputs(store(hidden, spill_dir), extras)
+            return True
+
+        captured = capture_layer_inputs(model, layers, windows, device, compute_dtype,
+                                        _CaptureStore([w.shape[-1] for w in windows], spill, spill_dir))
+        if stream is not None:
+            stream.after_capture(model)
+        inputs = LayerInputs(captured.hidden, captured.extras)
         if asymmetric:
-            float_inputs = LayerInputs(store(hidden, spill_dir) if spill else inputs.hidden, extras)
-        del hidden
+            float_inputs = LayerInputs(inputs.hidden.copy() if inputs.hidden.spill_dir else inputs.hidden,
+                                       captured.extras)
+        del captured
+    elif stream is not None:
+        stream.after_capture(model)
 
     rows: list[ModuleLog] = []
     left_float: dict[str, str] = {}

@@ -5,6 +5,7 @@ model's size. The pipeline (`quantize_model(stream=...)`) calls the hooks below 
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from .sysmem import return_freed_memory
 log = logging.getLogger("optq")
 
 # Float tensors larger than this are converted and written a slice of rows at a time (embeddings, lm_head).
-CHUNK_BYTES = 64 << 20
+CHUNK_BYTES = 16 << 20
 
 
 class StreamedModel:
@@ -41,15 +42,13 @@ class StreamedModel:
 
     def prepare_capture(self, model: nn.Module, dtype: torch.dtype) -> None:
         """Read what runs before the first decoder layer (embeddings, ...): every tensor outside the decoder
-        layers except a separate output projection, which the capture never reaches."""
+        layers except the output projection (tied to the embeddings or not), which the capture never reaches:
+        the checkpoint's copy is written from the file, and a quantized head reads its weight from there too."""
         head = model.get_output_embeddings()
-        head_weight = getattr(head, "weight", None)
-        emb = model.get_input_embeddings()
-        separate_head = head_weight is not None and head_weight is not getattr(emb, "weight", None)
         for name, module in model.named_modules():
             if name.startswith(self.layers_prefix) or name + "." == self.layers_prefix:
                 continue
-            if separate_head and module is head:
+            if module is head:
                 continue
             if not any(t.device.type == "meta" for t in [*module.parameters(recurse=False),
                                                           *module.buffers(recurse=False)]):
@@ -65,13 +64,13 @@ class StreamedModel:
     def after_capture(self, model: nn.Module) -> None:
         """Write every float tensor outside the decoder layers (not a quantized lm_head), then free the
         input embeddings: nothing needs them again."""
+        emb = model.get_input_embeddings()
+        if emb is not None:  # freed first: the writes below read the file again, a slice at a time
+            release(emb)
+        return_freed_memory()
         for p in self.plan:
             if not p.module and not p.key.startswith(self.layers_prefix):
                 self._write_float(p)
-        emb = model.get_input_embeddings()
-        if emb is not None:
-            release(emb)
-        return_freed_memory()
 
     def load_layer(self, layer: nn.Module, prefix: str, dtype: torch.dtype, device) -> nn.Module:
         materialize(layer, prefix, self.source, dtype, device)
@@ -107,7 +106,7 @@ class StreamedModel:
         if spec.nbytes <= CHUNK_BYTES or not spec.shape:
             self.writer.write(spec.name, checkpoint_value(p, self.source.get(p.key, torch.float32)))
             return
-        step = max(1, CHUNK_BYTES // max(1, spec.row_bytes))
+        step = max(1, CHUNK_BYTES // max(1, 4 * math.prod(spec.shape[1:])))  # rows, counted in float32
         for start in range(0, spec.shape[0], step):
             rows = self.source.rows(p.key, start, min(start + step, spec.shape[0]))
             if rows.is_floating_point():
