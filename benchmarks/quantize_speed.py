@@ -89,6 +89,8 @@ def main() -> None:
     ap.add_argument("--skip-eval", action="store_true", help="--vs-gptqmodel: no perplexity runs")
     ap.add_argument("--spill-variant", default="256MB",
                     help="--vs-gptqmodel: also run optq with this --max-activation-memory ('' to skip)")
+    ap.add_argument("--spill-only", action="store_true",
+                    help="--vs-gptqmodel: run optq only with --spill-variant (its bytes equal the default run's)")
     a = ap.parse_args()
     work = Path(a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -112,7 +114,8 @@ def main() -> None:
         write_windows(float_dir, windows, a.nsamples, a.seqlen)
         model = float_dir
         out = work / "optq"
-        rows.append({"tool": "optq", **optq_run(model, out, a, str(wiki_valid))})
+        if not a.spill_only:
+            rows.append({"tool": "optq", **optq_run(model, out, a, str(wiki_valid))})
         if a.spill_variant:
             # the same run with the calibration activations spilled to a memory-mapped file: same bytes
             spilled = work / "optq-spilled"
@@ -120,8 +123,11 @@ def main() -> None:
             a.optq_flags = f"{flags} --max-activation-memory {a.spill_variant}"
             rows.append({"tool": f"optq (spill > {a.spill_variant})", **optq_run(model, spilled, a, str(wiki_valid))})
             a.optq_flags = flags
-            same = all((out / f.name).read_bytes() == f.read_bytes() for f in spilled.glob("*.safetensors"))
-            rows[-1]["same_bytes_as_optq"] = same
+            if a.spill_only:
+                out = spilled
+            else:
+                same = all((out / f.name).read_bytes() == f.read_bytes() for f in spilled.glob("*.safetensors"))
+                rows[-1]["same_bytes_as_optq"] = same
         gq_python = Path(a.gptqmodel_venv) / "bin" / "python"
         if not gq_python.exists():
             raise SystemExit(f"{gq_python} is missing: run benchmarks/gptqmodel_env.sh first")

@@ -19,6 +19,7 @@ from .errors import OptqError
 from .formats.gptq import (LOG_FILE, AtomicFolder, checkpoint_tensors, is_quantized_checkpoint, parse_size,
                            write_config_files, write_safetensors)
 from .models.loading import TOKENIZER_FILES, SourceModel, load_source_model, load_tokenizer, parse_dtype
+from .distributed import HESSIAN_SHARDS, Cluster
 from .pipeline import ModuleLog, QuantizedModel, quantize_model
 from .resume import RunState, fault_point, windows_digest
 from .sysmem import return_freed_memory
@@ -84,6 +85,7 @@ def quantize(
     allow_rtn_fallback: bool = False,
     stream: bool | None = None,
     max_activation_memory: str | int | None = "4GB",
+    hessian_shards: int | None = None,
 ) -> QuantizeReport:
     """Quantize `model` (a Hugging Face folder or a .gguf file) and write a GPTQ checkpoint to `out`.
 
@@ -95,13 +97,36 @@ def quantize(
     `stream` (default: whenever the source is a safetensors folder) keeps the model on disk and reads one
     decoder layer at a time, writing the checkpoint as it goes: peak memory is one layer plus the calibration
     hidden states, which spill to a file next to `out` beyond `max_activation_memory` (None: no limit).
-    The checkpoint is byte-identical to the one loading the whole model gives."""
+    The checkpoint is byte-identical to the one loading the whole model gives.
+
+    Started by torchrun on several processes (or machines), the processes share the work and rank 0 writes
+    the checkpoint: the same bytes as one process (see `optq.distributed`; `hessian_shards` bounds the number
+    of processes and is part of what makes the bytes)."""
     started = time.perf_counter()
     config = config or QuantizeConfig()
     out_dtype = parse_dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
     act_limit = parse_size(max_activation_memory) if max_activation_memory is not None else None
-    folder = AtomicFolder(out, overwrite=overwrite)  # fails now, not after the work, if `out` is unusable
+    hessian_shards = HESSIAN_SHARDS if hessian_shards is None else hessian_shards
+    cluster = Cluster.from_env(device)
+    try:
+        result = _quantize(model, out, config, dataset, nsamples, seqlen, seed, shard_bytes, out_dtype,
+                           compute_dtype, device, overwrite, allow_pickle, trust_remote_code, progress, on_module,
+                           resume, allow_rtn_fallback, stream, act_limit, hessian_shards, cluster)
+    finally:
+        if cluster is not None:
+            cluster.close()
+    return QuantizeReport(Path(out), result, time.perf_counter() - started)
+
+
+def _quantize(model, out, config, dataset, nsamples, seqlen, seed, shard_bytes, out_dtype, compute_dtype, device,
+              overwrite, allow_pickle, trust_remote_code, progress, on_module, resume, allow_rtn_fallback, stream,
+              act_limit, hessian_shards, cluster) -> QuantizedModel:
+    writer = cluster is None or cluster.rank == 0  # of several processes, rank 0 writes the checkpoint
+    if cluster is not None and resume:
+        raise OptqError("--resume works in one process only: run the interrupted quantization without torchrun")
+    # fails now, not after the work, if `out` is unusable
+    folder = AtomicFolder(out, overwrite=overwrite) if writer else None
     src, why = _open_streamed(model, trust_remote_code) if stream is not False else (None, "")
     if src is None:
         if stream:
@@ -117,16 +142,26 @@ def quantize(
                    "model config": _model_config_dict(src.model)}
     if allow_rtn_fallback:  # only when set, so that runs interrupted before the option existed still resume
         fingerprint["allow rtn fallback"] = True
-    state = RunState(out, fingerprint, resume=resume, overwrite=overwrite)
+    if hessian_shards != HESSIAN_SHARDS:
+        fingerprint["hessian shards"] = hessian_shards
+    state = RunState(out, fingerprint, resume=resume, overwrite=overwrite) if cluster is None else None
     fault_point("calibration")
     calibration = None
     if windows is not None:
-        calibration = {"dataset": str(dataset), "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
-    run = dict(device=device, compute_dtype=cdtype, progress=progress, on_module=on_module, state=state,
-               allow_rtn_fallback=allow_rtn_fallback, max_activation_memory=act_limit, spill_dir=folder.dest.parent)
+        calibration = {"dataset": str(dataset), "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
+                       "hessian_shards": hessian_shards}
+    run = dict(device=device, compute_dtype=cdtype, progress=progress and writer,
+               on_module=on_module if writer else None, state=state, allow_rtn_fallback=allow_rtn_fallback,
+               max_activation_memory=act_limit, spill_dir=Path(out).resolve().parent, cluster=cluster,
+               hessian_shards=hessian_shards)
     if src.is_streamed:
         from .streaming import StreamedModel
 
+        if not writer:
+            result = quantize_model(src.model, windows, config,
+                                    stream=StreamedModel(src.model, src.source, config, out_dtype, None, shard_bytes),
+                                    **run)
+            return result
         with folder as tmp:
             streamed = StreamedModel(src.model, src.source, config, out_dtype, tmp, shard_bytes)
             try:
@@ -140,10 +175,12 @@ def quantize(
             fault_point("save")
     else:
         result = quantize_model(src.model, windows, config, **run)
-        save_quantized(src.model, result, folder, out_dtype, shard_bytes, calibration,
-                       extra_files=lambda tmp: _copy_tokenizer(src, tmp))
-    state.finish()
-    return QuantizeReport(Path(out), result, time.perf_counter() - started)
+        if writer:
+            save_quantized(src.model, result, folder, out_dtype, shard_bytes, calibration,
+                           extra_files=lambda tmp: _copy_tokenizer(src, tmp))
+    if state is not None:
+        state.finish()
+    return result
 
 
 def _open_streamed(model, trust_remote_code: bool) -> tuple[SourceModel | None, str]:

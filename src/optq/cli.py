@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 
@@ -53,6 +54,9 @@ def _add_quantize(sub) -> None:
     p.add_argument("--max-activation-memory", default="4GB",
                    help="calibration hidden states beyond this spill to a memory-mapped file next to OUT (default 4GB)")
     p.add_argument("--device", default="cpu", help="compute device for the layer being quantized (cpu, cuda)")
+    p.add_argument("--hessian-shards", type=int, default=None,
+                   help="the calibration windows' Hessians are summed in this many shards in a fixed order, so "
+                        "runs on up to this many processes (torchrun) give the same bytes (default: 8)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT (and any interrupted run of it) if it exists")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run of the same command from its last finished layer")
@@ -204,10 +208,11 @@ def cmd_quantize(a) -> int:
         max_shard_size=a.max_shard_size, dtype=a.dtype, compute_dtype=a.compute_dtype, device=a.device,
         overwrite=a.overwrite, resume=a.resume, allow_rtn_fallback=a.allow_rtn_fallback, allow_pickle=a.allow_pickle,
         trust_remote_code=a.trust_remote_code, stream=a.stream, max_activation_memory=a.max_activation_memory,
-        progress=not a.quiet, on_module=None if a.quiet else show,
+        progress=not a.quiet, on_module=None if a.quiet else show, hessian_shards=a.hessian_shards,
     )
     count = sum(1 for r in report.result.log if r.bits < 16)
-    print(f"wrote {report.path} ({count} quantized modules) in {report.seconds:.1f}s")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 wrote it
+        print(f"wrote {report.path} ({count} quantized modules) in {report.seconds:.1f}s")
     return 0
 
 
@@ -311,7 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     if not a.command:
         parser.print_help()
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    # under torchrun only rank 0 tells what happens; the others speak up for warnings
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(levelname)s %(message)s" if rank == 0 else f"[rank {rank}] %(levelname)s %(message)s")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
         return COMMANDS[a.command](a)

@@ -17,6 +17,7 @@ from torch import nn
 from .config import QuantizeConfig
 from .core.gptq import HessianAccumulator, NotPositiveDefiniteError, Owned, all_finite, gptq_solve
 from .core.grid import QuantizedWeight, rtn_quantize
+from .distributed import HESSIAN_SHARDS, Cluster, ShardedHessians, shard_plan, share_solution
 from .errors import OptqError
 from .formats.gptq import module_packable, pack_module
 from .models.registry import arch_spec, get_submodule
@@ -373,25 +374,34 @@ class _GroupCollector:
 
         return hook
 
-    def run(self, layer: nn.Module, inputs: list, reference_layer: nn.Module | None = None,
-            reference_inputs: list | None = None, replays: list["_BlockReplay"] = ()) -> None:
-        """Accumulate over `inputs`; when asymmetric, `reference_layer` (the float layer) run on
-        `reference_inputs` (the float model's hidden states) gives each module's reference inputs."""
+    def run(self, layer: nn.Module, inputs: "LayerInputs", rounds: list[range], hessians: ShardedHessians,
+            reference_layer: nn.Module | None = None, reference_inputs: "LayerInputs | None" = None,
+            replays: list["_BlockReplay"] = ()) -> dict[str, HessianAccumulator]:
+        """Each module's Hessian accumulator over `inputs`, summed shard by shard: after each of `rounds` (the
+        windows of one calibration shard) `hessians` takes the shard's sums. When asymmetric,
+        `reference_layer` (the float layer) run on `reference_inputs` (the float model's hidden states) gives
+        each module's reference inputs."""
         with torch.no_grad():
-            for j, (hidden, args, kwargs) in enumerate(inputs):
-                self.window = j
-                for r in replays:
-                    r.window = j
-                if self.asymmetric:
-                    self._reference = _module_inputs(reference_layer, list(self.modules), reference_inputs[j])
-                self._seen.clear()
+            for windows in rounds:
+                for j in windows:
+                    hidden, args, kwargs = inputs[j]
+                    self.window = j
+                    for r in replays:
+                        r.window = j
+                    if self.asymmetric:
+                        self._reference = _module_inputs(reference_layer, list(self.modules), reference_inputs[j])
+                    self._seen.clear()
+                    self._inputs.clear()
+                    try:
+                        layer(hidden, *args, **kwargs)
+                    except _StopForward:
+                        pass
+                    del hidden
+                    inputs.hidden.release(j)
                 self._inputs.clear()
-                try:
-                    layer(hidden, *args, **kwargs)
-                except _StopForward:
-                    pass
-        self._inputs.clear()
-        self._reference = {}
+                self._reference = {}
+                hessians.end_round(self.acc)
+        return hessians.finish()
 
     def remove(self) -> None:
         for h in self._handles:
@@ -630,6 +640,8 @@ def quantize_model(
     stream=None,
     max_activation_memory: int | None = None,
     spill_dir=None,
+    cluster: Cluster | None = None,
+    hessian_shards: int = HESSIAN_SHARDS,
 ) -> QuantizedModel:
     """Quantize `model` in place (its linear weights become the dequantized values) and return the packed
     tensors. `windows` are calibration token windows [1, L]; RTN needs none. With `state`, each finished
@@ -638,7 +650,11 @@ def quantize_model(
     With `stream` (a `streaming.StreamedModel`) the model is a skeleton on the meta device: each layer's
     weights are read from disk when its turn comes, its checkpoint tensors are written as soon as it is done,
     and it is freed; the returned `modules` is then empty. Calibration hidden states beyond
-    `max_activation_memory` bytes live in a file in `spill_dir` instead of memory."""
+    `max_activation_memory` bytes live in a file in `spill_dir` instead of memory.
+
+    The calibration windows are summed in `hessian_shards` shards (see `distributed`); with `cluster` (several
+    processes under torchrun) each process computes its own shards' windows, the modules' solves are spread
+    over the processes, and only rank 0 emits the checkpoint's tensors: the same bytes as one process."""
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
@@ -653,7 +669,11 @@ def quantize_model(
     compute_dtype = compute_dtype or model_dtype
     packed: dict[str, dict[str, torch.Tensor]] = {}
 
+    writer = cluster is None or cluster.rank == 0
+
     def emit(full: str, qw: QuantizedWeight, mcfg: QuantizeConfig) -> None:
+        if not writer:
+            return
         tensors = pack_module(qw, mcfg.checkpoint_format)
         if stream is not None:
             stream.emit(full, tensors)
@@ -678,6 +698,8 @@ def quantize_model(
         first_plan, _ = _module_plan(layers[0], f"{layers_path}.0", spec.groups, config, [], 0, quiet=True)
         replay_widths = sum(linear_shape(get_submodule(layers[0], loc))[0]
                             for _, loc in _replay_candidates(first_plan).values()) if BLOCK_REPLAY else 0
+        shards = shard_plan(len(windows), hessian_shards, *((cluster.rank, cluster.world) if cluster else ()))
+        windows = [windows[i] for i in shards.windows]  # this process's windows, in its order
         tokens = sum(w.shape[-1] for w in windows)
 
         def spill(width: int, item: int) -> bool:
@@ -739,27 +761,36 @@ def quantize_model(
             if needs_data:
                 collector = _GroupCollector({loc: get_submodule(work, loc) for loc, _, _ in members}, device,
                                             asymmetric=asymmetric, keep=keep)
+                # a module the forward never reached (an MoE expert no token was routed to) gets an empty one
+                hessians = ShardedHessians([loc for loc, _, _ in members],
+                                           {loc: linear_shape(get_submodule(work, loc))[0] for loc, _, _ in members},
+                                           device, asymmetric, cluster)
                 try:
-                    collector.run(work, inputs, float_layer, float_inputs, replays)
+                    accs = collector.run(work, inputs, shards.rounds, hessians, float_layer, float_inputs, replays)
                 finally:
                     collector.remove()
-                # a module the forward never reached (an MoE expert no token was routed to) has no accumulator
-                accs = {loc: collector.acc.get(loc) or HessianAccumulator(
-                    linear_shape(get_submodule(work, loc))[0], device=device, asymmetric=asymmetric)
-                    for loc, _, _ in members}
-            for loc, full, mcfg in members:
+            for position, (loc, full, mcfg) in enumerate(members):
                 t0 = time.perf_counter()
                 module = get_submodule(layer, loc)
-                w = source_weight(module, full)
-                if not torch.isfinite(w).all():
-                    raise OptqError(f"layer {index} module {full}: the weight holds NaN or Inf")
                 acc = accs.pop(loc, None)
-                if stream is not None:  # a fresh tensor read from disk: the solver may take it
-                    w = Owned(w)
-                qw, loss, damp, note = _solve_module(
-                    w, acc, mcfg, f"layer {index} module {full}", allow_rtn_fallback,
-                    not any(a is acc for a in accs.values()), reload=lambda: source_weight(module, full))
-                del w
+                # with several processes, module i of the group is solved on rank i % world and shared
+                owner = position % cluster.world if cluster is not None and needs_data else None
+                solved = None
+                if owner is None or owner == cluster.rank:
+                    w = source_weight(module, full)
+                    if not torch.isfinite(w).all():
+                        raise OptqError(f"layer {index} module {full}: the weight holds NaN or Inf")
+                    if stream is not None:  # a fresh tensor read from disk: the solver may take it
+                        w = Owned(w)
+                    solved = _solve_module(
+                        w, acc, mcfg, f"layer {index} module {full}", allow_rtn_fallback,
+                        not any(a is acc for a in accs.values()), reload=lambda: source_weight(module, full))
+                    del w
+                if owner is not None:
+                    solved = share_solution(cluster, owner, solved, *linear_shape(module), mcfg.bits,
+                                            mcfg.group_size)
+                qw, loss, damp, note = solved
+                del solved
                 return_freed_memory()  # the solve's d x d temporaries: give them back before the next module
                 deq = qw.dequantize()
                 set_linear_weight(module, deq)
@@ -836,13 +867,25 @@ def quantize_model(
             acc = None
             if needs_data:
                 norm = copy.deepcopy(get_submodule(model, spec.final_norm)).to(device=device, dtype=compute_dtype)
-                acc = HessianAccumulator(linear_shape(head)[0], device=device, asymmetric=asymmetric)
+                hessians = ShardedHessians([head_name], {head_name: linear_shape(head)[0]}, device, asymmetric,
+                                           cluster)
+                part = {head_name: HessianAccumulator(linear_shape(head)[0], device=device, asymmetric=asymmetric)}
                 with torch.no_grad():
-                    for j, (hidden, _, _) in enumerate(inputs):
-                        acc.add(norm(hidden), x_ref=norm(float_inputs.hidden[j]) if asymmetric else None)
+                    for windows_of_round in shards.rounds:
+                        for j in windows_of_round:
+                            part[head_name].add(norm(inputs.hidden[j]),
+                                                x_ref=norm(float_inputs.hidden[j]) if asymmetric else None)
+                            inputs.hidden.release(j)
+                        hessians.end_round(part)
+                acc = hessians.finish()[head_name]
             _untie(model, head)
-            qw, loss, damp, note = _solve_module(source_weight(head, head_name), acc, head_cfg,
-                                                 f"module {head_name}", allow_rtn_fallback)
+            solved = None
+            if cluster is None or cluster.rank == 0:
+                solved = _solve_module(source_weight(head, head_name), acc, head_cfg, f"module {head_name}",
+                                       allow_rtn_fallback)
+            if cluster is not None:
+                solved = share_solution(cluster, 0, solved, *linear_shape(head), head_cfg.bits, head_cfg.group_size)
+            qw, loss, damp, note = solved
             if stream is None:
                 set_linear_weight(head, qw.dequantize())
             emit(head_name, qw, head_cfg)

@@ -25,7 +25,8 @@ CHUNK_BYTES = 16 << 20
 
 class StreamedModel:
     """A skeleton model (parameters on the meta device) bound to its safetensors files, and the writer of the
-    checkpoint it becomes. Created before the first layer, so the checkpoint's layout is fixed up front."""
+    checkpoint it becomes. Created before the first layer, so the checkpoint's layout is fixed up front.
+    Without a `folder` it only reads (the processes other than rank 0 of a distributed run)."""
 
     def __init__(self, model: nn.Module, source: SafetensorsSource, config, dtype: torch.dtype, folder,
                  max_shard_size: int):
@@ -36,7 +37,8 @@ class StreamedModel:
                   for name, (in_f, out_f, mcfg) in planned_modules(model, config).items()}
         self.state = model.state_dict(keep_vars=True)  # meta tensors; tied ones are one object
         self.plan: list[PlannedTensor] = checkpoint_plan(self.state, layout, dtype)
-        self.writer = SafetensorsWriter(folder, [p.spec for p in self.plan], max_shard_size, SAFETENSORS_METADATA)
+        self.writer = SafetensorsWriter(folder, [p.spec for p in self.plan], max_shard_size, SAFETENSORS_METADATA) \
+            if folder is not None else None
 
     # ---- hooks called by the pipeline ----
 
@@ -68,7 +70,7 @@ class StreamedModel:
         if emb is not None:  # freed first: the writes below read the file again, a slice at a time
             release(emb)
         return_freed_memory()
-        for p in self.plan:
+        for p in self.plan if self.writer is not None else ():
             if not p.module and not p.key.startswith(self.layers_prefix):
                 self._write_float(p)
 
@@ -80,21 +82,23 @@ class StreamedModel:
         return self.source.get(f"{module_name}.weight", torch.float32)
 
     def emit(self, module_name: str, tensors: dict[str, torch.Tensor]) -> None:
-        for leaf, t in tensors.items():
+        for leaf, t in tensors.items() if self.writer is not None else ():
             self.writer.write(f"{module_name}.{leaf}", t)
 
     def finish_layer(self, layer: nn.Module, prefix: str) -> None:
         """Write the layer's float tensors (norms, biases) from the source, then free the layer."""
-        for p in self.plan:
+        for p in self.plan if self.writer is not None else ():
             if not p.module and p.key.startswith(prefix + "."):
                 self._write_float(p)
         release(layer)
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
     def abort(self) -> None:
-        self.writer._close_fds()
+        if self.writer is not None:
+            self.writer._close_fds()
 
     # ---- helpers ----
 

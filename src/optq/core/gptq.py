@@ -35,17 +35,21 @@ class HessianAccumulator:
     """Running sum of X^T X in float32 over calibration tokens; H = 2 X^T X / n (the GPTQ Hessian).
 
     With `asymmetric=True` it also sums (X_ref - X)^T X, where X_ref are the same module's inputs in the
-    float model: the cross term of GPTAQ's asymmetric calibration (see `gptq_solve`)."""
+    float model: the cross term of GPTAQ's asymmetric calibration (see `gptq_solve`).
+
+    Sums of several accumulators (the calibration shards, see `absorb`) are made in a fixed order, so the
+    Hessian's bits do not depend on how many processes computed the shards."""
 
     def __init__(self, columns: int, device: torch.device | str = "cpu", asymmetric: bool = False):
-        self.xtx = torch.zeros(columns, columns, dtype=torch.float32, device=device)
-        self.dxtx = torch.zeros_like(self.xtx) if asymmetric else None
+        self.columns, self.device, self.asymmetric = columns, device, asymmetric
+        self.xtx: torch.Tensor | None = None  # allocated by the first add (or absorb)
+        self.dxtx: torch.Tensor | None = None
         self.tokens = 0
 
     def add(self, x: torch.Tensor, token_mask: torch.Tensor | None = None, x_ref: torch.Tensor | None = None) -> None:
         """x: [..., columns] layer inputs; token_mask: bool [...] (False for padding tokens, which are skipped);
         x_ref: the float model's inputs for the same tokens (needed when asymmetric)."""
-        if (x_ref is None) != (self.dxtx is None):
+        if (x_ref is None) == self.asymmetric:
             raise ValueError("x_ref must be given exactly when the accumulator is asymmetric")
         x = x.reshape(-1, x.shape[-1])
         if x_ref is not None:
@@ -58,6 +62,9 @@ class HessianAccumulator:
             x_ref = x_ref[keep] if x_ref is not None else None
         if x.shape[0] == 0:
             return
+        if self.xtx is None:
+            self.xtx = torch.zeros(self.columns, self.columns, dtype=torch.float32, device=self.device)
+            self.dxtx = torch.zeros_like(self.xtx) if self.asymmetric else None
         exact_bf16 = x.dtype == torch.bfloat16 and x.device.type == "cpu"
         x = x.to(torch.float32)
         # bf16 inputs: bf16 multiplies with float32 accumulation are exact up to summation order (2x faster)
@@ -66,6 +73,21 @@ class HessianAccumulator:
         if x_ref is not None:
             self.dxtx.addmm_((x_ref.to(torch.float32) - x).T, x)
         self.tokens += x.shape[0]
+
+    def absorb(self, other: "HessianAccumulator") -> None:
+        """Add `other`'s sums to this one's and empty `other` (its buffers move here when this one holds none).
+        An accumulator without tokens adds nothing, so the result is the same whichever shards were empty."""
+        if other.tokens == 0:
+            return
+        if self.xtx is None:
+            self.xtx, self.dxtx = other.xtx, other.dxtx
+        else:
+            self.xtx.add_(other.xtx)
+            if self.dxtx is not None:
+                self.dxtx.add_(other.dxtx)
+        self.tokens += other.tokens
+        other.xtx = other.dxtx = None
+        other.tokens = 0
 
     def hessian(self) -> torch.Tensor:
         if self.tokens == 0:
