@@ -46,6 +46,8 @@ def _compare_with_transformers(ckpt, gguf_file, atol):
     (dict(bits=4, group_size=32), {"Q4_0"}),
     (dict(bits=8, group_size=32), {"Q8_0"}),
     (dict(bits=4, group_size=32, desc_act=True, static_groups=True), {"Q4_0"}),
+    (dict(bits=4, group_size=32, signed_scale=True), {"Q4_0"}),  # llama.cpp's own scale rule, negative d
+    (dict(bits=8, group_size=32, signed_scale=True), {"Q8_0"}),
 ])
 def test_exact_types_round_trip(cfg, types, tinystories_model, tinystories_text, tmp_path):
     ckpt = _ckpt(tinystories_model, tinystories_text, tmp_path / "q", **cfg)

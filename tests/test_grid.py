@@ -78,3 +78,31 @@ def test_per_channel_group():
 def test_bad_bits():
     with pytest.raises(ValueError):
         GridSpec(bits=5)
+
+
+def test_signed_scale_is_llama_cpp_q4_0():
+    """RTN with the signed-extreme scale against the gguf library's Q4_0 (its port of llama.cpp's reference
+    quantizer): the same scales, the same codes except where llama.cpp's unrounded d puts a value on the other
+    side of a rounding boundary, and no larger error."""
+    import gguf
+    import numpy as np
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 256, generator=g) * torch.rand(64, 1, generator=g)
+    w[::3, 5] = 4.0  # rows whose extreme is positive: negative scales
+    qw = rtn_quantize(w, GridSpec(bits=4, signed_scale=True), 32)
+    blocks = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q4_0)
+    theirs = torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q4_0).copy()).reshape(64, 256)
+    their_d = torch.from_numpy(blocks.reshape(64, 8, 18)[:, :, :2].copy().view(np.float16).astype(np.float32))
+    assert torch.equal(qw.scales.T, their_d.reshape(64, 8))
+    assert bool((qw.scales < 0).any()) and bool((qw.scales > 0).any())
+    ours = qw.dequantize()
+    assert (ours == theirs).float().mean() > 0.99
+    assert ((ours - w) ** 2).sum() <= ((theirs - w) ** 2).sum()
+    # the extreme of each block is on the grid (to the fp16 rounding of the scale)
+    ext = w.reshape(64, 8, 32).abs().argmax(-1, keepdim=True)
+    torch.testing.assert_close(ours.reshape(64, 8, 32).gather(-1, ext), w.reshape(64, 8, 32).gather(-1, ext),
+                               rtol=2e-3, atol=0)
+    # the usual symmetric grid is coarser: a larger error on the same weights
+    plain = rtn_quantize(w, GridSpec(bits=4), 32).dequantize()
+    assert ((ours - w) ** 2).sum() < ((plain - w) ** 2).sum()

@@ -16,7 +16,8 @@ def make_quant_linear(in_f, out_f, bits, group_size, desc_act=False, sym=True, f
     x = torch.randn(256, in_f, generator=g) * (torch.rand(in_f, generator=g) + 0.1)
     acc = HessianAccumulator(in_f)
     acc.add(x)
-    spec = GridSpec(bits=bits, sym=sym, min_zero=1 if (not sym and fmt == "gptq") else 0)
+    signed, sym = sym == "signed", bool(sym)  # "signed": llama.cpp's scale rule, negative scales included
+    spec = GridSpec(bits=bits, sym=sym, min_zero=1 if (not sym and fmt == "gptq") else 0, signed_scale=signed)
     qw = gptq_solve(w, acc.hessian(), spec, group_size=group_size, desc_act=desc_act).weight
     ql = QuantLinear(in_f, out_f, bits, group_size, bias, fmt)
     for k, v in pack_module(qw, fmt).items():
@@ -32,6 +33,7 @@ CASES = [
     (256, 96, -1, False, False, "gptq"),  # per channel, asymmetric v1
     (160, 64, 32, True, False, "gptq_v2"),
     (384, 128, 96, False, True, "gptq"),  # group 96: int4 kernel blocks of 32
+    (576, 96, 128, True, "signed", "gptq"),  # negative scales (--signed-scale)
 ]
 KERNEL_OF_BITS = {2: "int4", 3: "int4", 4: "int4", 8: "int8"}
 

@@ -26,6 +26,9 @@ def _add_quantize(sub) -> None:
     p.add_argument("--asym", action="store_true", help="asymmetric grid (a zero point per group)")
     p.add_argument("--damp", type=float, default=0.01, help="damping, fraction of the mean Hessian diagonal (0.01)")
     p.add_argument("--mse", action="store_true", help="search a shrink factor of the range minimizing the error")
+    p.add_argument("--signed-scale", action="store_true",
+                   help="symmetric grid with llama.cpp's Q4_0 scale rule: scale = the group's signed extreme / -8 "
+                        "(4-bit), so the extreme is exact and the step finer; scales may be negative")
     p.add_argument("--gptaq", action="store_true",
                    help="GPTAQ asymmetric calibration: aim each layer at the float model's outputs (GPTQModel's v2)")
     p.add_argument("--gptaq-alpha", type=float, default=0.25, help="weight of GPTAQ's cross term (default 0.25)")
@@ -189,7 +192,8 @@ def cmd_quantize(a) -> int:
         group_size, fmt = (128 if a.group_size is None else a.group_size), a.format
     config = QuantizeConfig(
         bits=a.bits, group_size=group_size, desc_act=a.desc_act, sym=not a.asym, static_groups=a.static_groups,
-        true_sequential=not a.no_true_sequential, damp_percent=a.damp, mse=a.mse, checkpoint_format=fmt,
+        true_sequential=not a.no_true_sequential, damp_percent=a.damp, mse=a.mse, signed_scale=a.signed_scale,
+        checkpoint_format=fmt,
         gptaq=a.gptaq, gptaq_alpha=a.gptaq_alpha, lm_head=a.lm_head,
         method="rtn" if a.rtn else "gptq",
     )

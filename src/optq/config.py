@@ -27,6 +27,8 @@ class QuantizeConfig:
     true_sequential: bool = True
     damp_percent: float = 0.01
     mse: bool = False
+    # llama.cpp's Q4_0 scale rule in the symmetric grid (see GridSpec.signed_scale): exact in GGUF Q4_0 / Q8_0.
+    signed_scale: bool = False
     # GPTAQ asymmetric calibration (GPTQModel calls it "v2"): aim each layer at the float model's outputs.
     gptaq: bool = False
     gptaq_alpha: float = 0.25
@@ -54,6 +56,8 @@ class QuantizeConfig:
             raise OptqError(f"method={self.method!r} is unknown: use one of {', '.join(METHODS)}")
         if not isinstance(self.gptaq_alpha, (int, float)) or not (0 <= self.gptaq_alpha <= 1):
             raise OptqError(f"gptaq_alpha={self.gptaq_alpha} is out of range: use a value in [0, 1] (default 0.25)")
+        if self.signed_scale and not self.sym:
+            raise OptqError("signed_scale is a symmetric grid's scale rule: drop --asym or --signed-scale")
         if self.static_groups and self.group_size == -1:
             raise OptqError("static_groups needs a group size: set group_size or drop static_groups")
         if not isinstance(self.dynamic, dict) or not all(isinstance(v, dict) for v in self.dynamic.values()):
@@ -72,7 +76,7 @@ class QuantizeConfig:
     def grid(self) -> GridSpec:
         # v1 stores zero - 1 and so cannot hold zero = 0: asymmetric v1 checkpoints keep zero >= 1.
         min_zero = 1 if (not self.sym and self.checkpoint_format == "gptq") else 0
-        return GridSpec(bits=self.bits, sym=self.sym, mse=self.mse, min_zero=min_zero)
+        return GridSpec(bits=self.bits, sym=self.sym, mse=self.mse, min_zero=min_zero, signed_scale=self.signed_scale)
 
     def for_module(self, name: str) -> QuantizeConfig | None:
         """The config that applies to module `name` after `dynamic` overrides; None if it stays in float."""
@@ -80,7 +84,9 @@ class QuantizeConfig:
             if re.match(key[2:], name):
                 if key.startswith("-:"):
                     return None
-                return dataclasses.replace(self, dynamic={}, **override)
+                # an override to an asymmetric grid leaves the symmetric grid's scale rule behind
+                signed = self.signed_scale and override.get("sym", self.sym)
+                return dataclasses.replace(self, dynamic={}, **{"signed_scale": signed, **override})
         return self
 
     def to_hf(self, meta: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -103,6 +109,8 @@ class QuantizeConfig:
         d["meta"] = dict(meta or {})
         if self.gptaq:  # how the weights were found, not how to read them: kept out of the standard fields
             d["meta"]["gptaq_alpha"] = self.gptaq_alpha
+        if self.signed_scale:
+            d["meta"]["signed_scale"] = True
         return d
 
     @classmethod

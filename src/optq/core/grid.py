@@ -30,12 +30,18 @@ class GridSpec:
     # Smallest zero point allowed. The v1 ("gptq") checkpoint stores zero - 1, so it cannot hold 0: asymmetric
     # v1 checkpoints quantize with min_zero=1 (see docs/design.md).
     min_zero: int = 0
+    # Symmetric grid only: scale = the group's signed extreme / -(maxq + 1) / 2, so the largest-magnitude weight
+    # sits exactly on the end level (code 0) and the step is |extreme| / 8 at 4 bits instead of 2 |extreme| / 15:
+    # llama.cpp's Q4_0 / Q8_0 rule. Scales are negative where the extreme is positive.
+    signed_scale: bool = False
 
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"bits={self.bits} is not supported; use one of {SUPPORTED_BITS}")
         if self.min_zero not in (0, 1):
             raise ValueError("min_zero must be 0 or 1")
+        if self.signed_scale and not self.sym:
+            raise ValueError("signed_scale needs a symmetric grid")
 
     @property
     def maxq(self) -> int:
@@ -54,6 +60,11 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
 def _params_from_range(xmin: torch.Tensor, xmax: torch.Tensor, spec: GridSpec):
     """Scale and zero for per-row ranges [xmin, xmax] (xmin <= 0 <= xmax)."""
     maxq = spec.maxq
+    if spec.signed_scale:
+        half = (maxq + 1) // 2
+        extreme = torch.where(xmin.abs() > xmax, xmin, xmax)
+        extreme = torch.where(extreme == 0, -torch.ones_like(extreme), extreme)
+        return _fp16_round(extreme / -half), torch.full_like(extreme, half)
     if spec.sym:
         xmax = torch.maximum(xmin.abs(), xmax)
         xmin = -xmax
@@ -75,9 +86,10 @@ def _params_from_range(xmin: torch.Tensor, xmax: torch.Tensor, spec: GridSpec):
 
 
 def _fp16_round(scale: torch.Tensor) -> torch.Tensor:
-    # float16 keeps ~3 decimal digits; a scale that underflows to 0 would divide by zero, so floor it.
+    # float16 keeps ~3 decimal digits; a scale that underflows to 0 would divide by zero, so floor its magnitude.
     tiny = torch.finfo(torch.float16).tiny
-    return scale.clamp(min=tiny, max=torch.finfo(torch.float16).max).to(torch.float16).to(scale.dtype)
+    magnitude = scale.abs().clamp(min=tiny, max=torch.finfo(torch.float16).max)
+    return torch.copysign(magnitude, scale).to(torch.float16).to(scale.dtype)
 
 
 def find_params(w: torch.Tensor, spec: GridSpec) -> tuple[torch.Tensor, torch.Tensor]:
