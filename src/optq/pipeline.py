@@ -22,7 +22,7 @@ from .errors import OptqError
 from .formats.gptq import module_packable, pack_module
 from .models.registry import arch_spec, get_submodule
 from .resume import RunState, fault_point
-from .sysmem import return_freed_memory
+from .sysmem import map_large_allocations, return_freed_memory
 
 log = logging.getLogger("optq")
 
@@ -658,6 +658,7 @@ def quantize_model(
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
+    map_large_allocations()
     device = torch.device(device)
     spec = arch_spec(model.config.model_type)
     layers_path = spec.layers
@@ -769,6 +770,7 @@ def quantize_model(
                     accs = collector.run(work, inputs, shards.rounds, hessians, float_layer, float_inputs, replays)
                 finally:
                     collector.remove()
+                return_freed_memory()  # the forward passes' temporaries, before the solves' d x d matrices
             for position, (loc, full, mcfg) in enumerate(members):
                 t0 = time.perf_counter()
                 module = get_submodule(layer, loc)
