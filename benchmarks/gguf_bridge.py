@@ -9,7 +9,7 @@
 2. `optq export-gguf` turns the checkpoint into Q4_0 (output/embedding matrix: F16; tokenizer copied from the
    package's GGUF);
 3. llama.cpp's own Q4_0 of the same weights: llama_model_quantize of the package's GGUF (its output matrix in
-   Q6_K, llama.cpp's default);
+   Q6_K, llama.cpp's default), and again with the embedding and output matrices in F16 as optq's export has them;
 4. perplexity on wiki.test.raw, windows of 2048 tokens tokenized once by the Hugging Face tokenizer (the same
    ids for every row): optq's evaluation of the checkpoint, and llama.cpp's logits (llama-cpp-python,
    logits_all) for both GGUF files, the loss computed here in float64.
@@ -84,6 +84,10 @@ def main() -> None:
     theirs_gguf = work / "smollm2-llamacpp-q4_0.gguf"
     if not theirs_gguf.exists():
         llama_cpp_quantize(smollm2_gguf_path(), theirs_gguf)
+    # the same with F16 embedding and output matrices, as optq's export has them: only the linear layers differ
+    theirs_f16 = work / "smollm2-llamacpp-q4_0-f16-embeddings.gguf"
+    if not theirs_f16.exists():
+        llama_cpp_quantize(smollm2_gguf_path(), theirs_f16, f16_embeddings=True)
 
     tok = AutoTokenizer.from_pretrained(str(float_dir))
     ids = tokenize_joined(tok, load_documents(str(SHARED / "wikitext-2-raw" / "wiki.test.raw"), split="test"))[0]
@@ -102,7 +106,8 @@ def main() -> None:
         rows.append({"model": f"optq checkpoint, optq runtime ({dtype})", "perplexity": res["perplexity"],
                      "size_mb": sum(f.stat().st_size for f in ckpt.glob("*.safetensors")) / 1e6})
     for name, path in (("optq GPTQ -> export-gguf Q4_0, llama.cpp", ours_gguf),
-                       ("llama.cpp's own Q4_0 (output Q6_K), llama.cpp", theirs_gguf)):
+                       ("llama.cpp's own Q4_0 (output Q6_K), llama.cpp", theirs_gguf),
+                       ("llama.cpp's own Q4_0, F16 embedding/output, llama.cpp", theirs_f16)):
         res = llama_cpp_perplexity(path, ids_np, a.seqlen, windows)
         rows.append({"model": name, "perplexity": res["perplexity"], "size_mb": path.stat().st_size / 1e6,
                      "seconds": res["seconds"]})

@@ -145,11 +145,16 @@ def make_gguf(shape: str, path: Path, seed: int) -> None:
     w.close()
 
 
-def llama_cpp_quantize(src: Path, dst: Path, ftype: str = "Q4_0") -> None:
+def llama_cpp_quantize(src: Path, dst: Path, ftype: str = "Q4_0", f16_embeddings: bool = False) -> None:
+    """llama.cpp's own quantization of a GGUF file; `f16_embeddings` keeps the token embedding and output
+    matrices in F16 (as optq's export writes them) instead of llama.cpp's defaults."""
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    if f16_embeddings:
+        params.output_tensor_type = llama_cpp.GGML_TYPE_F16
+        params.token_embedding_type = llama_cpp.GGML_TYPE_F16
     params.nthread = 2
     params.allow_requantize = True
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)

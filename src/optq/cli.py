@@ -28,7 +28,8 @@ def _add_quantize(sub) -> None:
     p.add_argument("--mse", action="store_true", help="search a shrink factor of the range minimizing the error")
     p.add_argument("--signed-scale", action="store_true",
                    help="symmetric grid with llama.cpp's Q4_0 scale rule: scale = the group's signed extreme / -8 "
-                        "(4-bit), so the extreme is exact and the step finer; scales may be negative")
+                        "(4-bit), so the extreme is exact and the step finer; scales may be negative (on by "
+                        "default with --format gguf)")
     p.add_argument("--gptaq", action="store_true",
                    help="GPTAQ asymmetric calibration: aim each layer at the float model's outputs (GPTQModel's v2)")
     p.add_argument("--gptaq-alpha", type=float, default=0.25, help="weight of GPTAQ's cross term (default 0.25)")
@@ -192,7 +193,10 @@ def cmd_quantize(a) -> int:
         group_size, fmt = (128 if a.group_size is None else a.group_size), a.format
     config = QuantizeConfig(
         bits=a.bits, group_size=group_size, desc_act=a.desc_act, sym=not a.asym, static_groups=a.static_groups,
-        true_sequential=not a.no_true_sequential, damp_percent=a.damp, mse=a.mse, signed_scale=a.signed_scale,
+        true_sequential=not a.no_true_sequential, damp_percent=a.damp, mse=a.mse,
+        # GGUF's symmetric types use the signed-extreme scale; GPTQ on that grid beat llama.cpp's own Q4_0
+        # (BENCHMARKS.md), where the usual symmetric grid lost to it
+        signed_scale=a.signed_scale or (gguf_out is not None and not a.asym),
         checkpoint_format=fmt,
         gptaq=a.gptaq, gptaq_alpha=a.gptaq_alpha, lm_head=a.lm_head,
         method="rtn" if a.rtn else "gptq",
