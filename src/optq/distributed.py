@@ -14,7 +14,6 @@ Only tensors travel between processes (no pickled objects): every receiver knows
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 
@@ -23,8 +22,6 @@ import torch
 from .core.gptq import HessianAccumulator
 from .core.grid import QuantizedWeight
 from .errors import OptqError
-
-log = logging.getLogger("optq")
 
 # Calibration shards of every run, one process or many: up to this many processes give the same bytes.
 HESSIAN_SHARDS = 8
