@@ -1,7 +1,8 @@
 """Checkpoints made by other tools load in optq and compute what those tools compute.
 
 The GPTQModel fixtures (tests/fixtures/gptqmodel, made by tests/fixtures/make_gptqmodel_fixtures.py with
-GPTQModel 7.7) hold GPTQModel's checkpoint and GPTQModel's own dequantized weights and logits.
+GPTQModel 7.7) hold GPTQModel's checkpoint and GPTQModel's own dequantized weights and logits; the AutoGPTQ ones
+(tests/fixtures/autogptq, make_autogptq_fixtures.py, AutoGPTQ 0.7.1) the same from AutoGPTQ, in its older layout.
 """
 
 import json
@@ -32,6 +33,10 @@ def test_fixtures_present():
 
 @pytest.mark.parametrize("folder", GPTQMODEL, ids=[p.name for p in GPTQMODEL])
 def test_gptqmodel_checkpoint_matches_gptqmodel(folder):
+    _check_against_reference(folder)
+
+
+def _check_against_reference(folder: Path) -> None:
     ref = _reference(folder)
     model = optq.load(folder, dtype="float32", backend="reference")
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
@@ -47,6 +52,61 @@ def test_gptqmodel_checkpoint_matches_gptqmodel(folder):
     err = (logits - ref["logits"]).abs().max().item()
     scale = ref["logits"].abs().max().item()
     assert err <= 0.01 * scale, f"max |logit difference| {err:.4g} vs logit scale {scale:.3g}"
+
+
+AUTOGPTQ = sorted(p for p in (FIXTURES / "autogptq").iterdir() if (p / "reference.safetensors").exists())
+
+
+def test_autogptq_fixtures_present():
+    assert {"sym4_g32", "asym4_g32", "act4_g32", "act4_static_asym_g32", "sym3_g32", "act3_asym_g32",
+            "sym8_perchannel", "asym8_g64", "sym2_g32"} <= {p.name for p in AUTOGPTQ}
+
+
+@pytest.mark.parametrize("folder", AUTOGPTQ, ids=[p.name for p in AUTOGPTQ])
+def test_autogptq_checkpoint_matches_autogptq(folder):
+    # the old layout: weights in gptq_model-<bits>bit-<group>g.safetensors, beside reference.safetensors
+    assert not (folder / "model.safetensors").exists() and len(list(folder.glob("gptq_model-*.safetensors"))) == 1
+    _check_against_reference(folder)
+
+
+def test_autogptq_act_order_fixture_has_non_monotone_g_idx():
+    """The act-order fixtures test what they claim: g_idx out of order (AutoGPTQ without static groups)."""
+    with safe_open(str(next((FIXTURES / "autogptq" / "act4_g32").glob("gptq_model-*.safetensors"))), "pt") as f:
+        g_idx = f.get_tensor("model.layers.0.self_attn.q_proj.g_idx")
+    assert (g_idx[1:] < g_idx[:-1]).any()
+
+
+def test_autogptq_file_naming(tmp_path):
+    """model_file_base_name is honoured; several unindexed files are refused rather than guessed at."""
+    src = FIXTURES / "autogptq" / "sym4_g32"
+    named = tmp_path / "named"
+    shutil.copytree(src, named)
+    (named / "gptq_model-4bit-32g.safetensors").rename(named / "weights.safetensors")
+    (named / "reference.safetensors").unlink()
+    (named / "other.safetensors").write_bytes((src / "reference.safetensors").read_bytes())
+    with pytest.raises(optq.OptqError, match="several safetensors files"):
+        optq.load(named)
+    cfg = json.loads((named / "quantize_config.json").read_text())
+    cfg["model_file_base_name"] = "weights"
+    (named / "quantize_config.json").write_text(json.dumps(cfg))
+    (named / "config.json").write_text(json.dumps(
+        {k: v for k, v in json.loads((named / "config.json").read_text()).items() if k != "quantization_config"}))
+    model = optq.load(named, dtype="float32", backend="reference")  # the quantize_config.json-only layout
+    ref = _reference(src)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ref["input_ids"]).logits, optq.load(src, dtype="float32",
+                                   backend="reference")(ref["input_ids"]).logits, rtol=0, atol=0)
+
+
+def test_marlin_repacked_checkpoint_is_refused(tmp_path):
+    bad = tmp_path / "marlin"
+    shutil.copytree(FIXTURES / "autogptq" / "sym4_g32", bad)
+    for fname in ("config.json", "quantize_config.json"):
+        cfg = json.loads((bad / fname).read_text())
+        cfg.get("quantization_config", cfg)["is_marlin_format"] = True
+        (bad / fname).write_text(json.dumps(cfg))
+    with pytest.raises(optq.OptqError, match="Marlin"):
+        optq.load(bad)
 
 
 def test_dynamic_overrides_are_honoured():

@@ -256,7 +256,9 @@ CASES = [
     Case("`quantization_config.bits` 5", _edit_quant("bits", 5), r"bits"),
     Case("`quantization_config.group_size` 0", _edit_quant("group_size", 0), r"group_size"),
     Case("`quantization_config.damp_percent` -1", _edit_quant("damp_percent", -1), r"damp"),
-    Case("unknown `checkpoint_format`", _edit_quant("checkpoint_format", "marlin"), r"checkpoint_format"),
+    Case("unknown `checkpoint_format`", _edit_quant("checkpoint_format", "gptq_v9"), r"checkpoint_format"),
+    Case("Marlin-repacked weights (`checkpoint_format` marlin)", _edit_quant("checkpoint_format", "marlin"),
+         r"Marlin"),
     Case("unknown `quant_method`", _edit_quant("quant_method", "awq"), r"quant_method|awq"),
     # the environment
     Case("no permission to write the output's folder", _readonly_parent, r"permission",

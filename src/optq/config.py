@@ -120,6 +120,10 @@ class QuantizeConfig:
         if str(method).lower() != "gptq":
             raise OptqError(f"quantization_config.quant_method={method!r}: optq reads only 'gptq' checkpoints")
         fmt = d.get("checkpoint_format", d.get("format", "gptq"))
+        if d.get("is_marlin_format") or str(fmt).lower() == "marlin":
+            raise OptqError("quantization_config says the weights are repacked for the Marlin kernel "
+                            "(checkpoint_format='marlin' / is_marlin_format=true): optq reads GPTQ's own packing "
+                            "only; load the checkpoint this one was converted from")
         try:
             kwargs = cls._hf_kwargs(d, fmt)
         except (TypeError, ValueError) as e:

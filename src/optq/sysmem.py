@@ -16,6 +16,11 @@ def return_freed_memory() -> None:
         pass  # not glibc: nothing to do
 
 
+# Calibration runs whose per-window float32 temporaries reach this size map large allocations (8B-class
+# layers: 512 tokens x 14336 x 4 B = 29 MB); smaller ones (SmolLM2: 2048 x 1536 x 4 B = 12.6 MB) keep glibc's
+# default, whose heap reuses them window after window.
+MAPPED_TEMPORARIES = 16 << 20
+
 # glibc's mallopt parameter number of M_MMAP_THRESHOLD.
 _M_MMAP_THRESHOLD = -3
 LARGE_ALLOCATION = 4 << 20

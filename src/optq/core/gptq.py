@@ -31,6 +31,29 @@ class NotPositiveDefiniteError(RuntimeError):
     """The Hessian stayed non-positive-definite for every damping in the schedule."""
 
 
+# Row blocks of the lower-triangular X^T X sums: about this many columns each (narrower blocks skip more of the
+# upper triangle but make smaller GEMMs), at most this many blocks.
+SYMMETRIC_BLOCK = 128
+SYMMETRIC_MAX_BLOCKS = 16
+
+
+def _row_blocks(columns: int) -> list[tuple[int, int]]:
+    count = min(SYMMETRIC_MAX_BLOCKS, max(1, columns // SYMMETRIC_BLOCK))
+    bounds = [columns * i // count for i in range(count + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _symmetric(m: torch.Tensor) -> torch.Tensor:
+    """Fill `m`'s upper triangle from its lower one, in place, a block row at a time (no d x d temporary).
+    The diagonal blocks were whole GEMM results; they are made exactly symmetric too."""
+    for lo, hi in _row_blocks(m.shape[0]):
+        m[lo:hi, hi:].copy_(m[hi:, lo:hi].T)
+        block = m[lo:hi, lo:hi]
+        upper = torch.triu_indices(hi - lo, hi - lo, 1, device=m.device)
+        block[upper[0], upper[1]] = block[upper[1], upper[0]]
+    return m
+
+
 class HessianAccumulator:
     """Running sum of X^T X in float32 over calibration tokens; H = 2 X^T X / n (the GPTQ Hessian).
 
@@ -69,7 +92,10 @@ class HessianAccumulator:
         x = x.to(torch.float32)
         # bf16 inputs: bf16 multiplies with float32 accumulation are exact up to summation order (2x faster)
         with bf16_math_for_exact_inputs(exact_bf16):
-            self.xtx.addmm_(x.T, x)
+            # X^T X is symmetric: only the blocks on and below the diagonal are summed (block row i against
+            # the columns up to its end, ~55% of the full product's work); `_symmetric` fills the rest.
+            for lo, hi in _row_blocks(self.columns):
+                self.xtx[lo:hi, :hi].addmm_(x[:, lo:hi].T, x[:, :hi])
         if x_ref is not None:
             self.dxtx.addmm_((x_ref.to(torch.float32) - x).T, x)
         self.tokens += x.shape[0]
@@ -92,7 +118,7 @@ class HessianAccumulator:
     def hessian(self) -> torch.Tensor:
         if self.tokens == 0:
             raise ValueError("no calibration tokens reached this module")
-        return self.xtx * (2.0 / self.tokens)
+        return _symmetric(self.xtx) * (2.0 / self.tokens)
 
     def take_hessian(self) -> torch.Tensor:
         """The Hessian, made in place from the running sum, which the accumulator gives up (no second d x d
@@ -100,7 +126,7 @@ class HessianAccumulator:
         if self.tokens == 0:
             raise ValueError("no calibration tokens reached this module")
         h, self.xtx = self.xtx, None
-        return h.mul_(2.0 / self.tokens)
+        return _symmetric(h).mul_(2.0 / self.tokens)
 
     def cross_term(self) -> torch.Tensor | None:
         """2 (X_ref - X)^T X / n, on the Hessian's scale; None unless asymmetric."""

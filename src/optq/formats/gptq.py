@@ -240,20 +240,7 @@ def open_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
         raise OptqError(f"{path} has no quantization_config in config.json nor a quantize_config.json")
     source = compressed_tensors.QUANT_METHOD if compressed_tensors.is_compressed_tensors(quant_raw) else "gptq"
     quant = QuantizeConfig.from_hf(quant_raw) if source == "gptq" else None
-    index = path / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise OptqError(f"{index} is malformed ({e}): it needs a 'weight_map' object") from None
-        files = sorted({path / f for f in weight_map.values()})
-    elif (path / SINGLE_FILE).is_file():
-        files = [path / SINGLE_FILE]
-    else:
-        files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise OptqError(f"{path} has no safetensors weight files: the checkpoint is incomplete (copy its "
-                        "*.safetensors files in) or this folder is not a checkpoint")
+    files = _weight_files(path, quant_raw)
     tensor_files: dict[str, Path] = {}
     for f in files:
         if not f.is_file():
@@ -267,6 +254,34 @@ def open_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
     if quant is None:
         quant = compressed_tensors.read_config(quant_raw, compressed_tensors.quantized_module_names(tensor_files))
     return CheckpointInfo(path, config, quant, quant_raw, files, tensor_files, source)
+
+
+def _weight_files(path: Path, quant_raw: dict[str, Any]) -> list[Path]:
+    """The checkpoint's safetensors files: the index's, else model.safetensors, else AutoGPTQ's single file
+    (`model_file_base_name`, or its default `gptq_model-<bits>bit-<group>g`), else the folder's only one."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise OptqError(f"{index} is malformed ({e}): it needs a 'weight_map' object") from None
+        return sorted({path / f for f in weight_map.values()})
+    names = [SINGLE_FILE]
+    if quant_raw.get("model_file_base_name"):
+        names.append(f"{quant_raw['model_file_base_name']}.safetensors")
+    if "bits" in quant_raw:
+        names.append(f"gptq_model-{quant_raw['bits']}bit-{quant_raw.get('group_size', 128)}g.safetensors")
+    for name in names:
+        if (path / name).is_file():
+            return [path / name]
+    found = sorted(path.glob("*.safetensors"))
+    if len(found) > 1:
+        raise OptqError(f"{path} holds several safetensors files ({', '.join(f.name for f in found)}) and no "
+                        f"{INDEX_FILE}: keep only the checkpoint's file, or add an index that lists its shards")
+    if not found:
+        raise OptqError(f"{path} has no safetensors weight files: the checkpoint is incomplete (copy its "
+                        "*.safetensors files in) or this folder is not a checkpoint")
+    return found
 
 
 def quantized_module_names(info: CheckpointInfo) -> list[str]:
