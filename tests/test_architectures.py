@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 import transformers as tf
 
 import optq
@@ -116,9 +117,12 @@ def test_block_replay_is_bit_identical(model_type, monkeypatch):
     recomputing them; the quantized weights must be exactly those of recomputing every block."""
     import optq.pipeline as pipeline
 
-    replays = []
+    replays, skipped = [], []
     install = pipeline._BlockReplay.install
     monkeypatch.setattr(pipeline._BlockReplay, "install", lambda self: (install(self), replays.append(self)))
+    skip = pipeline._DeadModuleSkip._skip
+    monkeypatch.setattr(pipeline._DeadModuleSkip, "_skip", lambda self, names: (skip(self, names),
+                                                                               skipped.append(names)))
     results = {}
     for flag in (True, False):
         monkeypatch.setattr(pipeline, "BLOCK_REPLAY", flag)
@@ -126,8 +130,80 @@ def test_block_replay_is_bit_identical(model_type, monkeypatch):
         results[flag] = quantize_model(model, _windows(model.config.vocab_size), QuantizeConfig(bits=4, group_size=32),
                                        progress=False).modules
     assert replays, "no block was replayed"
+    if model_type in ("llama", "qwen2", "mistral"):  # their attention's input norm is dead once it replays
+        assert any("input_layernorm" in skip for skip in skipped), skipped
     for name, tensors in results[False].items():
         for leaf, t in tensors.items():
             assert torch.equal(results[True][name][leaf], t), (name, leaf)
     if model_type in ("llama", "qwen2", "mistral"):  # blocks that return their last linear's output
         assert all(r.state == "on" for r in replays), [(r.name, r.state) for r in replays]
+
+
+class _ReplayedBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+class _FakeReplay:
+    """Stands for a _BlockReplay that is on: the block returns a kept result and ignores its input."""
+
+    def __init__(self, block, kept):
+        self.block, self.state = block, "on"
+        block.forward = lambda *a, **k: kept
+
+
+class _SerialLayer(nn.Module):  # the norm feeds the replayed block only: dead
+    def __init__(self):
+        super().__init__()
+        self.norm, self.attn, self.mlp = nn.LayerNorm(8), _ReplayedBlock(), nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = x + self.attn(self.norm(x))
+        return h + self.mlp(h)
+
+
+class _ParallelLayer(_SerialLayer):  # one norm feeds the replayed block and the MLP: alive
+    def forward(self, x):
+        n = self.norm(x)
+        return x + self.attn(n) + self.mlp(n)
+
+
+class _ShapeReadingLayer(_SerialLayer):  # the norm's output is only looked at (its shape): alive
+    def forward(self, x):
+        n = self.norm(x)
+        return x + self.attn(n) * n.shape[-1]
+
+
+@pytest.mark.parametrize("layer_cls,dead", [(_SerialLayer, ["norm"]), (_ParallelLayer, []),
+                                            (_ShapeReadingLayer, [])])
+def test_dead_module_skip_watches_uses(layer_cls, dead):
+    """Only a module whose output nothing but a replaying block reads is skipped, and the layer's result
+    is the same with the skip as without."""
+    from optq.pipeline import _DeadModuleSkip
+
+    torch.manual_seed(0)
+    layer = layer_cls()
+    kept = torch.randn(3, 8)
+    windows = [torch.randn(3, 8) for _ in range(3)]
+    with torch.no_grad():
+        expected = [layer.mlp(x + kept) + x + kept if layer_cls is _SerialLayer else None for x in windows]
+        replay = _FakeReplay(layer.attn, kept)
+        want = [layer(x) for x in windows]  # nothing skipped yet
+        skip = _DeadModuleSkip(layer, [replay])
+        got = []
+        for x in windows:
+            with skip.window():
+                got.append(layer(x))
+        assert skip.skipped == dead
+        if dead:
+            assert layer.norm.__dict__.get("forward") is not None
+        skip.remove()
+        assert "forward" not in layer.norm.__dict__
+    for g, w, e in zip(got, want, expected):
+        assert torch.equal(g, w)
+        if e is not None:
+            torch.testing.assert_close(g, e)
