@@ -207,3 +207,30 @@ def test_dead_module_skip_watches_uses(layer_cls, dead):
         assert torch.equal(g, w)
         if e is not None:
             torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_native_causal_attention_in_every_architecture(model_type, monkeypatch):
+    """The calibration forward's attention (native_causal_attention) gives each architecture's bf16 logits as
+    sdpa does; the ones whose attention is plain causal take the native kernel, the others (Gemma 2/3's
+    sliding windows and soft-capping) keep sdpa or their own attention."""
+    import optq.runtime.attention as attention
+    from optq.runtime import native
+
+    if not (native.bf16_supported() and native.load()):
+        pytest.skip(f"optq's native bf16 kernels are unavailable here: {native.why_unavailable()}")
+    model = _random_model(model_type).to(torch.bfloat16)
+    ids = _windows(model.config.vocab_size, n=1, length=40)[0]
+    taken = []
+    real = attention._native_causal_applies
+    monkeypatch.setattr(attention, "_native_causal_applies", lambda *a: taken.append(real(*a)) or taken[-1])
+    with torch.no_grad():
+        ref = model(ids).logits.float()
+        sdpa = model.config._attn_implementation == "sdpa"
+        with attention.native_causal_attention(model) as switched:
+            out = model(ids).logits.float()
+    assert switched == sdpa and bool(taken) == sdpa  # eager models (Gemma 2's default) stay as they are
+    if model_type not in ("gemma2", "gemma3_text"):
+        assert sdpa and all(taken), model_type
+    scale = ref.abs().max()
+    assert (out - ref).abs().max() <= 0.03 * scale, ((out - ref).abs().max(), scale)

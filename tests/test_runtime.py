@@ -201,3 +201,92 @@ def test_decode_attention_matches_sdpa(stories260k_model, tinystories_model, mon
         assert torch.equal(out.sequences, ref.sequences)
         for a, b in zip(out.scores, ref.scores):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def _attention_float64(q, k, v, scale):
+    """Causal softmax attention in float64, brute force: [B, L, H, D]."""
+    groups = q.shape[1] // k.shape[1]
+    k = k.double().repeat_interleave(groups, 1)
+    v = v.double().repeat_interleave(groups, 1)
+    s = (q.double() @ k.transpose(-1, -2)) * scale
+    length = q.shape[2]
+    s = s.masked_fill(torch.ones(length, length, dtype=torch.bool).triu(1), float("-inf"))
+    return (s.softmax(-1) @ v).transpose(1, 2)
+
+
+@pytest.mark.parametrize("batch,heads,kv_heads,length,dim,spread", [
+    (1, 9, 3, 300, 64, 2.0), (2, 4, 2, 100, 128, 2.0), (1, 2, 1, 1, 64, 1.0), (1, 4, 4, 65, 96, 1.0),
+    (1, 8, 2, 130, 256, 1.0), (2, 4, 2, 70, 16, 1.0), (1, 2, 2, 200, 80, 1.0), (1, 4, 1, 129, 32, 8.0)])
+def test_native_causal_attention_matches_float64(batch, heads, kv_heads, length, dim, spread):
+    """optq's causal attention kernel against float64 brute force, beside torch's own bf16 kernel: its error
+    must be no larger than torch's (both round the probabilities and the output to bf16)."""
+    import torch.nn.functional as F
+
+    _require_native()
+    if not native.bf16_supported():
+        pytest.skip("no AVX-512 BF16 here")
+    g = torch.Generator().manual_seed(length * dim + heads)
+    # queries as Transformers hands them over: a transposed view of [B, L, H, D]
+    q = (torch.randn(batch, length, heads, dim, generator=g) * spread).bfloat16().transpose(1, 2)
+    k = (torch.randn(batch, kv_heads, length, dim, generator=g) * spread).bfloat16()
+    v = torch.randn(batch, kv_heads, length, dim, generator=g).bfloat16()
+    scale = dim ** -0.5
+    out = torch.ops.optq_native.causal_attention(q, k, v, scale)
+    assert out.shape == (batch, length, heads, dim) and out.is_contiguous()
+    exact = _attention_float64(q, k, v, scale)
+    theirs = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True).transpose(1, 2)
+    ours_err, theirs_err = (out.double() - exact).abs(), (theirs.double() - exact).abs()
+    assert ours_err.max() <= theirs_err.max() * 1.25 + 1e-6, (ours_err.max(), theirs_err.max())
+    assert ours_err.mean() <= theirs_err.mean() * 1.25 + 1e-6, (ours_err.mean(), theirs_err.mean())
+    # the first query sees only its own key: its output is that value row, rounded once
+    groups = heads // kv_heads
+    torch.testing.assert_close(out[:, 0].float(), v[:, :, 0].repeat_interleave(groups, 1).float(), rtol=0, atol=0)
+
+
+def test_native_causal_attention_independent_of_threads():
+    _require_native()
+    if not native.bf16_supported():
+        pytest.skip("no AVX-512 BF16 here")
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, h, 500, 64, generator=g).bfloat16() for h in (6, 2, 2))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.optq_native.causal_attention(q, k, v, 0.125)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, torch.ops.optq_native.causal_attention(q, k, v, 0.125))
+
+
+def test_causal_attention_in_models_matches_sdpa(tinystories_model, monkeypatch):
+    """Under native_causal_attention a bf16 model's unmasked prompts take the native kernel and padded ones
+    fall back to sdpa; the logits match sdpa's within bf16 noise."""
+    import optq.runtime.attention as attention
+    from optq.api import load_any
+
+    _require_native()
+    if not native.bf16_supported():
+        pytest.skip("no AVX-512 BF16 here")
+    model, tok = load_any(tinystories_model, "bfloat16")
+    ids = tok(["Once upon a time there was a little girl who loved to play outside in the sun"],
+              return_tensors="pt").input_ids
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    padded = tok(["Once upon a time there was", "The dog"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        ref, ref_padded = model(ids).logits.float(), model(**padded).logits.float()
+        taken = []
+        real = attention._native_causal_applies
+        monkeypatch.setattr(attention, "_native_causal_applies", lambda *a: taken.append(real(*a)) or taken[-1])
+        with attention.native_causal_attention(model) as switched:
+            assert switched
+            out = model(ids).logits.float()
+            assert taken and all(taken)
+            taken.clear()
+            out_padded = model(**padded).logits.float()
+            assert taken and not any(taken)
+        assert model.config._attn_implementation == "sdpa"  # restored
+    scale = ref.abs().max()
+    assert (out - ref).abs().max() <= 0.02 * scale, ((out - ref).abs().max(), scale)
+    assert torch.equal(out_padded, ref_padded)

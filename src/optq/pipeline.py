@@ -4,6 +4,7 @@ modules group by group (true-sequential) and feed the quantized layer's outputs 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import re
@@ -22,6 +23,7 @@ from .errors import OptqError
 from .formats.gptq import module_packable, pack_module
 from .models.registry import arch_spec, get_submodule
 from .resume import RunState, fault_point
+from .runtime.attention import native_causal_attention
 from .sysmem import MAPPED_TEMPORARIES, map_large_allocations, return_freed_memory
 
 log = logging.getLogger("optq")
@@ -868,136 +870,139 @@ def quantize_model(
     rows: list[ModuleLog] = []
     left_float: dict[str, str] = {}
     bar = tqdm(range(len(layers)), desc="Quantizing layers", unit="layer", disable=not progress)
-    for index in bar:
-        prefix = f"{layers_path}.{index}"
-        if stream is not None:
-            layer = stream.load_layer(layers[index], prefix, compute_dtype, device)
-            work = layer
-        else:
-            layer = layers[index].to(device)
-            work = layer if compute_dtype == model_dtype else copy.deepcopy(layer).to(compute_dtype)
-        plan, skipped = _module_plan(layer, prefix, spec.groups, config, rows, index)
-        left_float.update(skipped)
-        float_layer = copy.deepcopy(work) if asymmetric else None
-        saved = state.load(index) if state is not None else None
-        layer_weights: dict[str, QuantizedWeight] = {}
-        layer_rows: list[ModuleLog] = []
-        if saved is not None:
-            weights, saved_rows = saved
-            for members in plan:
-                for loc, full, mcfg in members:
-                    deq = weights[full].dequantize()
-                    set_linear_weight(get_submodule(layer, loc), deq)
+    # causal bf16 attention of the calibration windows on optq's native kernel (4x torch's here), if it applies
+    attention = native_causal_attention(model) if needs_data and device.type == "cpu" else contextlib.nullcontext()
+    with attention:
+        for index in bar:
+            prefix = f"{layers_path}.{index}"
+            if stream is not None:
+                layer = stream.load_layer(layers[index], prefix, compute_dtype, device)
+                work = layer
+            else:
+                layer = layers[index].to(device)
+                work = layer if compute_dtype == model_dtype else copy.deepcopy(layer).to(compute_dtype)
+            plan, skipped = _module_plan(layer, prefix, spec.groups, config, rows, index)
+            left_float.update(skipped)
+            float_layer = copy.deepcopy(work) if asymmetric else None
+            saved = state.load(index) if state is not None else None
+            layer_weights: dict[str, QuantizedWeight] = {}
+            layer_rows: list[ModuleLog] = []
+            if saved is not None:
+                weights, saved_rows = saved
+                for members in plan:
+                    for loc, full, mcfg in members:
+                        deq = weights[full].dequantize()
+                        set_linear_weight(get_submodule(layer, loc), deq)
+                        if work is not layer:
+                            set_linear_weight(get_submodule(work, loc), deq)
+                        emit(full, weights[full], mcfg)
+                rows.extend(ModuleLog(**r) for r in saved_rows)
+                plan = []  # nothing left to solve in this layer
+            candidates = _replay_candidates(plan) if needs_data and BLOCK_REPLAY else {}
+            replays: list[_BlockReplay] = []
+            for gi, members in enumerate(plan):
+                accs: dict[str, HessianAccumulator] = {}
+                keep = {}
+                if gi in candidates:
+                    block, loc = candidates[gi]
+                    in_f = linear_shape(get_submodule(work, loc))[0]
+                    keep[loc] = inputs.hidden.empty_like(last_dim=in_f)
+                if needs_data:
+                    collector = _GroupCollector({loc: get_submodule(work, loc) for loc, _, _ in members}, device,
+                                                asymmetric=asymmetric, keep=keep)
+                    # a module the forward never reached (an MoE expert no token was routed to) gets an empty one
+                    hessians = ShardedHessians([loc for loc, _, _ in members],
+                                               {loc: linear_shape(get_submodule(work, loc))[0] for loc, _, _ in members},
+                                               device, asymmetric, cluster)
+                    try:
+                        accs = collector.run(work, inputs, shards.rounds, hessians, float_layer, float_inputs, replays)
+                    finally:
+                        collector.remove()
+                    return_freed_memory()  # the forward passes' temporaries, before the solves' d x d matrices
+                for position, (loc, full, mcfg) in enumerate(members):
+                    t0 = time.perf_counter()
+                    module = get_submodule(layer, loc)
+                    acc = accs.pop(loc, None)
+                    # with several processes, module i of the group is solved on rank i % world and shared
+                    owner = position % cluster.world if cluster is not None and needs_data else None
+                    solved = None
+                    if owner is None or owner == cluster.rank:
+                        w = source_weight(module, full)
+                        if not torch.isfinite(w).all():
+                            raise OptqError(f"layer {index} module {full}: the weight holds NaN or Inf")
+                        if stream is not None:  # a fresh tensor read from disk: the solver may take it
+                            w = Owned(w)
+                        solved = _solve_module(
+                            w, acc, mcfg, f"layer {index} module {full}", allow_rtn_fallback,
+                            not any(a is acc for a in accs.values()), reload=lambda: source_weight(module, full))
+                        del w
+                    if owner is not None:
+                        solved = share_solution(cluster, owner, solved, *linear_shape(module), mcfg.bits,
+                                                mcfg.group_size)
+                    qw, loss, damp, note = solved
+                    del solved
+                    return_freed_memory()  # the solve's d x d temporaries: give them back before the next module
+                    deq = qw.dequantize()
+                    set_linear_weight(module, deq)
                     if work is not layer:
                         set_linear_weight(get_submodule(work, loc), deq)
-                    emit(full, weights[full], mcfg)
-            rows.extend(ModuleLog(**r) for r in saved_rows)
-            plan = []  # nothing left to solve in this layer
-        candidates = _replay_candidates(plan) if needs_data and BLOCK_REPLAY else {}
-        replays: list[_BlockReplay] = []
-        for gi, members in enumerate(plan):
-            accs: dict[str, HessianAccumulator] = {}
-            keep = {}
-            if gi in candidates:
-                block, loc = candidates[gi]
-                in_f = linear_shape(get_submodule(work, loc))[0]
-                keep[loc] = inputs.hidden.empty_like(last_dim=in_f)
+                    del deq
+                    emit(full, qw, mcfg)
+                    entry = ModuleLog(index, full, mcfg.bits, mcfg.group_size, loss, damp,
+                                      acc.tokens if acc is not None else 0, time.perf_counter() - t0, note)
+                    del acc
+                    rows.append(entry)
+                    layer_weights[full] = qw
+                    layer_rows.append(entry)
+                    if on_module:
+                        on_module(entry)
+                    fault_point(f"module:{index}")
+                accs.clear()
+                if keep:  # the block is final from here on: later passes replay it
+                    block, loc = candidates[gi]
+                    replays.append(_BlockReplay(f"{prefix}.{block}", get_submodule(work, block),
+                                                get_submodule(work, loc), keep[loc]))
+                    replays[-1].install()
+                del keep
+            if state is not None and saved is None:
+                state.save(index, layer_weights, layer_rows)
+                fault_point(f"layer:{index}")
+            del layer_weights
             if needs_data:
-                collector = _GroupCollector({loc: get_submodule(work, loc) for loc, _, _ in members}, device,
-                                            asymmetric=asymmetric, keep=keep)
-                # a module the forward never reached (an MoE expert no token was routed to) gets an empty one
-                hessians = ShardedHessians([loc for loc, _, _ in members],
-                                           {loc: linear_shape(get_submodule(work, loc))[0] for loc, _, _ in members},
-                                           device, asymmetric, cluster)
+                outputs = inputs.hidden.empty_like()
+                dead = _DeadModuleSkip(work, replays)
                 try:
-                    accs = collector.run(work, inputs, shards.rounds, hessians, float_layer, float_inputs, replays)
+                    with torch.no_grad():
+                        for j, (hidden, args, kwargs) in enumerate(inputs):
+                            for r in replays:
+                                r.window = j
+                            with dead.window():
+                                out = _layer_output(work(hidden, *args, **kwargs))
+                            if not torch.isfinite(out).all():
+                                raise OptqError(f"layer {index}: its outputs hold NaN or Inf on the calibration data")
+                            outputs[j] = out
+                            outputs.release(j)
+                            del out
                 finally:
-                    collector.remove()
-                return_freed_memory()  # the forward passes' temporaries, before the solves' d x d matrices
-            for position, (loc, full, mcfg) in enumerate(members):
-                t0 = time.perf_counter()
-                module = get_submodule(layer, loc)
-                acc = accs.pop(loc, None)
-                # with several processes, module i of the group is solved on rank i % world and shared
-                owner = position % cluster.world if cluster is not None and needs_data else None
-                solved = None
-                if owner is None or owner == cluster.rank:
-                    w = source_weight(module, full)
-                    if not torch.isfinite(w).all():
-                        raise OptqError(f"layer {index} module {full}: the weight holds NaN or Inf")
-                    if stream is not None:  # a fresh tensor read from disk: the solver may take it
-                        w = Owned(w)
-                    solved = _solve_module(
-                        w, acc, mcfg, f"layer {index} module {full}", allow_rtn_fallback,
-                        not any(a is acc for a in accs.values()), reload=lambda: source_weight(module, full))
-                    del w
-                if owner is not None:
-                    solved = share_solution(cluster, owner, solved, *linear_shape(module), mcfg.bits,
-                                            mcfg.group_size)
-                qw, loss, damp, note = solved
-                del solved
-                return_freed_memory()  # the solve's d x d temporaries: give them back before the next module
-                deq = qw.dequantize()
-                set_linear_weight(module, deq)
-                if work is not layer:
-                    set_linear_weight(get_submodule(work, loc), deq)
-                del deq
-                emit(full, qw, mcfg)
-                entry = ModuleLog(index, full, mcfg.bits, mcfg.group_size, loss, damp,
-                                  acc.tokens if acc is not None else 0, time.perf_counter() - t0, note)
-                del acc
-                rows.append(entry)
-                layer_weights[full] = qw
-                layer_rows.append(entry)
-                if on_module:
-                    on_module(entry)
-                fault_point(f"module:{index}")
-            accs.clear()
-            if keep:  # the block is final from here on: later passes replay it
-                block, loc = candidates[gi]
-                replays.append(_BlockReplay(f"{prefix}.{block}", get_submodule(work, block),
-                                            get_submodule(work, loc), keep[loc]))
-                replays[-1].install()
-            del keep
-        if state is not None and saved is None:
-            state.save(index, layer_weights, layer_rows)
-            fault_point(f"layer:{index}")
-        del layer_weights
-        if needs_data:
-            outputs = inputs.hidden.empty_like()
-            dead = _DeadModuleSkip(work, replays)
-            try:
-                with torch.no_grad():
-                    for j, (hidden, args, kwargs) in enumerate(inputs):
-                        for r in replays:
-                            r.window = j
-                        with dead.window():
-                            out = _layer_output(work(hidden, *args, **kwargs))
-                        if not torch.isfinite(out).all():
-                            raise OptqError(f"layer {index}: its outputs hold NaN or Inf on the calibration data")
-                        outputs[j] = out
-                        outputs.release(j)
-                        del out
-            finally:
-                dead.remove()
-            if asymmetric:
-                float_outputs = float_inputs.hidden.empty_like()
-                with torch.no_grad():
-                    for j, (hidden, args, kwargs) in enumerate(float_inputs):
-                        float_outputs[j] = _layer_output(float_layer(hidden, *args, **kwargs))
-                        float_outputs.release(j)
-                float_inputs = float_inputs.with_hidden(float_outputs)
-                del float_layer
-            inputs = inputs.with_hidden(outputs)
-        for r in replays:
-            r.remove()
-        del replays
-        if stream is not None:
-            stream.finish_layer(layer, prefix)
-        elif device.type != "cpu":
-            layers[index] = layer.to("cpu")
-        del work, layer
-        return_freed_memory()
+                    dead.remove()
+                if asymmetric:
+                    float_outputs = float_inputs.hidden.empty_like()
+                    with torch.no_grad():
+                        for j, (hidden, args, kwargs) in enumerate(float_inputs):
+                            float_outputs[j] = _layer_output(float_layer(hidden, *args, **kwargs))
+                            float_outputs.release(j)
+                    float_inputs = float_inputs.with_hidden(float_outputs)
+                    del float_layer
+                inputs = inputs.with_hidden(outputs)
+            for r in replays:
+                r.remove()
+            del replays
+            if stream is not None:
+                stream.finish_layer(layer, prefix)
+            elif device.type != "cpu":
+                layers[index] = layer.to("cpu")
+            del work, layer
+            return_freed_memory()
 
     if config.lm_head:
         head_name, head_cfg = _output_projection(model, spec, config)

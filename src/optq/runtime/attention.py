@@ -1,4 +1,5 @@
-"""Decode-step attention for CPU: Transformers' sdpa, except for one query token.
+"""CPU attention for Transformers models: sdpa, except for one query token (decode) and, during calibration,
+causal bf16 self-attention (optq's native kernel).
 
 torch 2.13's CPU flash-attention kernel, which sdpa picks, spends ~150 us on a single decode query whatever
 the cache length (32 heads over 8 KV heads, 100 cached positions: 149 us; the three plain ops below: 48 us),
@@ -10,10 +11,19 @@ Transformers' own sdpa function, with its own mask.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import torch
 from torch import nn
 
+log = logging.getLogger("optq")
+
 NAME = "optq_sdpa"
+CAUSAL_NAME = "optq_causal"
+# Attention arguments that do not change what plain causal self-attention computes (when None/False, or for
+# sliding_window, when the window covers the whole sequence); any other set argument goes to sdpa.
+_HARMLESS = {"position_ids", "cache_position", "use_cache", "output_attentions", "sliding_window", "is_causal"}
 
 
 def decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -56,3 +66,64 @@ def use_decode_attention(model: nn.Module) -> bool:
     except (ValueError, AttributeError, TypeError):
         return False
     return config._attn_implementation == NAME
+
+
+def _native_causal_applies(module: nn.Module, query, key, value, attention_mask, dropout, kwargs) -> bool:
+    from . import native
+
+    b, heads, q_len, dim = query.shape
+    if not (q_len > 1 and attention_mask is None and key.shape[2] == q_len and value.shape[2] == q_len):
+        return False
+    if kwargs.get("is_causal", getattr(module, "is_causal", True)) is not True:
+        return False
+    if dropout != 0.0 and module.training:
+        return False
+    window = kwargs.get("sliding_window")
+    if window is not None and window < q_len:
+        return False
+    if any(v is not None and v is not False and k not in _HARMLESS for k, v in kwargs.items()):
+        return False
+    if kwargs.get("output_attentions"):
+        return False
+    if not all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.stride(-1) == 1
+               for t in (query, key, value)):
+        return False
+    if dim % 16 or dim > 256 or key.shape[1] == 0 or heads % key.shape[1] or value.shape[-1] != dim:
+        return False
+    return native.bf16_supported() and native.load()
+
+
+def causal_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                     **kwargs):
+    """decode_attention, with unmasked causal bf16 self-attention (every calibration window) on optq's native
+    kernel: 8 ms instead of torch's 33 ms for 9 heads x 2048 tokens x 64 here (native/attention.cpp)."""
+    if _native_causal_applies(module, query, key, value, attention_mask, dropout, kwargs):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return torch.ops.optq_native.causal_attention(query, key, value, float(scale)), None
+    return decode_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+@contextlib.contextmanager
+def native_causal_attention(model: nn.Module):
+    """Within the block, a model that runs Transformers' sdpa attention runs `causal_attention` instead (its
+    previous implementation is restored after). Yields whether it switched."""
+    config = getattr(model, "config", None)
+    previous = getattr(config, "_attn_implementation", None)
+    switched = False
+    if previous == "sdpa":
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionInterface.register(CAUSAL_NAME, causal_attention)
+        AttentionMaskInterface.register(CAUSAL_NAME, sdpa_mask)
+        try:
+            model.set_attn_implementation(CAUSAL_NAME)
+            switched = config._attn_implementation == CAUSAL_NAME
+        except (ValueError, AttributeError, TypeError) as e:
+            log.debug("native causal attention not used: %s", e)
+    try:
+        yield switched
+    finally:
+        if switched:
+            model.set_attn_implementation(previous)

@@ -29,7 +29,7 @@ import torch
 
 log = logging.getLogger("optq")
 
-SOURCE = Path(__file__).with_name("native") / "q4_gemm.cpp"
+SOURCES = [Path(__file__).with_name("native") / name for name in ("q4_gemm.cpp", "attention.cpp")]
 FLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-w"]
 
 _state: dict[str, object] = {}
@@ -66,16 +66,16 @@ def _build(cxx: str) -> Path:
     libdirs = cpp_extension.library_paths()
     libs = [f"-L{p}" for p in libdirs] + [f"-Wl,-rpath,{p}" for p in libdirs] + ["-ltorch", "-ltorch_cpu", "-lc10"]
     # The torch install (its path, for the rpath) is part of the key: each environment gets its own build.
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), cxx, abi, *FLAGS, torch.__version__, sys.version, *libdirs])
-                         .encode()).hexdigest()[:16]
-    target = cache_dir() / key / "q4_gemm.so"
+    key = hashlib.sha256("\n".join([*(s.read_text() for s in SOURCES), cxx, abi, *FLAGS, torch.__version__,
+                                    sys.version, *libdirs]).encode()).hexdigest()[:16]
+    target = cache_dir() / key / "optq_native.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        out = Path(tmp) / "q4_gemm.so"
-        cmd = [cxx, *FLAGS, abi, *includes, str(SOURCE), "-o", str(out), *libs]
-        log.info("compiling optq's native CPU kernel (once per torch version, ~10-30 s)")
+        out = Path(tmp) / "optq_native.so"
+        cmd = [cxx, *FLAGS, abi, *includes, *map(str, SOURCES), "-o", str(out), *libs]
+        log.info("compiling optq's native CPU kernels (once per torch version, ~10-30 s)")
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-2000:]}")
