@@ -46,10 +46,10 @@ def write_windows(model_dir: Path, path: Path, nsamples: int, seqlen: int) -> No
     save_file({"windows": torch.cat(windows).contiguous()}, str(path))
 
 
-def evaluate(model: Path, out_json: Path, dtype: str, log: Path) -> dict:
+def evaluate(model: Path, out_json: Path, dtype: str, log: Path, backend: str = "auto") -> dict:
     if not out_json.exists():
         run_timed(optq_cmd("eval", str(model), "--dataset", str(SHARED / "wikitext-2-raw" / "wiki.test.raw"),
-                           "--seqlen", "2048", "--dtype", dtype, "--json"), log)
+                           "--seqlen", "2048", "--dtype", dtype, "--backend", backend, "--json"), log)
         out_json.write_text(log.read_text().strip().splitlines()[-1] + "\n")
     return json.loads(out_json.read_text())
 

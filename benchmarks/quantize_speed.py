@@ -1,7 +1,8 @@
 """Quantization speed and memory: wall time, peak RSS (from the kernel) and the share of the FLOP floor.
 
 The floor is what the arithmetic costs at this machine's measured matmul rates: one forward pass over the
-calibration tokens at the bf16 rate, every Hessian (2 X^T X, one per distinct module input) at the float32
+calibration tokens at the forward dtype's rate (--dtype: bf16 where the CPU has native bf16, else float32),
+every Hessian (2 X^T X, one per distinct module input) at the float32
 rate, and every GPTQ solve (Cholesky factorisations and inverse ~4/3 d^3, lazy updates ~out d^2) at the
 float32 rate. Real runs do more (true-sequential passes recompute parts of a layer), so shares well below 100%
 are expected; the number shows how much is overhead.
@@ -11,6 +12,9 @@ Modes:
                           after quantizing, the checkpoint is loaded and generates a few tokens (peak RSS reported)
   --vs-gptqmodel          SmolLM2-135M float folder (made by quality_smollm2.py), the same calibration windows
                           for optq and GPTQModel 7.7 one after the other, plus the perplexity of both checkpoints
+  --layers N              with --vs-gptqmodel: both tools quantize SmolLM2 cut to its first N decoder layers
+                          (every layer has the same shapes, so time per layer is the same; for machines where
+                          the full model takes hours, e.g. float32 forward passes on a CPU without native bf16)
 
 Usage:
   python benchmarks/quantize_speed.py --model llama-8b --nsamples 16 --seqlen 512
@@ -83,6 +87,11 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--optq-flags", default="", help="extra optq quantize flags, e.g. '--desc-act'")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                    help="forward dtype of both tools and of the perplexity runs; auto = bfloat16 where the CPU "
+                         "has native bf16, else float32 (bf16 matmuls without it run ~300x slower)")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="--vs-gptqmodel: cut SmolLM2 to its first N decoder layers")
     ap.add_argument("--dataset", default=None, help="calibration text (default: wiki2.valid, else pydoc)")
     ap.add_argument("--work", default=str(REPO / "bench-output" / "quantize-speed"))
     ap.add_argument("--gptqmodel-venv", default="/tmp/optq-gptqmodel-venv")
@@ -99,9 +108,14 @@ def main() -> None:
 
     import torch
 
-    rates = {"bf16_matmul_flops": matmul_rate(torch.bfloat16, 2048, 4096, 4096),
-             "fp32_matmul_flops": matmul_rate(torch.float32, 2048, 4096, 4096)}
-    print(f"measured: bf16 matmul {rates['bf16_matmul_flops'] / 1e9:.0f} GFLOP/s, "
+    from optq.models.loading import parse_dtype
+
+    dtype = parse_dtype(a.dtype)
+    a.dtype = str(dtype).removeprefix("torch.")
+    rates = {"fp32_matmul_flops": matmul_rate(torch.float32, 2048, 4096, 4096)}
+    rates["forward_matmul_flops"] = (matmul_rate(dtype, 2048, 4096, 4096) if dtype != torch.float32
+                                     else rates["fp32_matmul_flops"])
+    print(f"measured: {a.dtype} (forward) matmul {rates['forward_matmul_flops'] / 1e9:.0f} GFLOP/s, "
           f"float32 {rates['fp32_matmul_flops'] / 1e9:.0f} GFLOP/s", flush=True)
     rows = []
 
@@ -110,6 +124,8 @@ def main() -> None:
 
         float_dir = REPO / "bench-output" / "quality" / "smollm2-float"
         export_float(float_dir)
+        if a.layers:
+            float_dir = first_layers(float_dir, a.layers, work / f"smollm2-{a.layers}-layers")
         windows = work / f"windows-{a.nsamples}x{a.seqlen}.safetensors"
         write_windows(float_dir, windows, a.nsamples, a.seqlen)
         model = float_dir
@@ -134,16 +150,21 @@ def main() -> None:
         gout = work / "gptqmodel"
         cmd = [str(gq_python), str(Path(__file__).parent / "gptqmodel_quantize.py"), str(model), str(gout),
                "--windows", str(windows), "--bits", str(a.bits), "--group-size", str(a.group_size),
-               "--dtype", "bfloat16", *a.optq_flags.split()]
+               "--dtype", a.dtype, *a.optq_flags.split()]
         import shutil
 
         shutil.rmtree(gout, ignore_errors=True)
         rows.append({"tool": "GPTQModel 7.7", **run_timed(cmd, gout.with_suffix(".log"))})
         if not a.skip_eval:
             for row, path in zip((rows[0], rows[-1]), (out, gout)):
-                res = evaluate(path, work / f"eval-{path.name}.json", "bfloat16", work / f"eval-{path.name}.log")
+                # dense matmuls on dequantized weights: the same arithmetic for both checkpoints, fast on any CPU
+                res = evaluate(path, work / f"eval-{path.name}.json", a.dtype, work / f"eval-{path.name}.log",
+                               "reference")
                 (work / f"eval-{path.name}.json").unlink()  # always re-evaluated: the checkpoint is new
                 row["perplexity"] = res["perplexity"]
+            if a.layers:  # the cut model's own perplexity, for scale
+                res = evaluate(model, work / f"eval-{model.name}.json", a.dtype, work / f"eval-{model.name}.log")
+                rows.append({"tool": f"float ({a.layers} layers)", "perplexity": res["perplexity"]})
     else:
         if a.model is None:
             raise SystemExit("give --model or --vs-gptqmodel")
@@ -161,28 +182,62 @@ def main() -> None:
 
     cfg = json.loads((model / "config.json").read_text())
     flops = flop_floor(cfg, a.nsamples * a.seqlen, a.seqlen, None)
-    floor = (flops["forward"] / rates["bf16_matmul_flops"] + flops["hessian"] / rates["fp32_matmul_flops"]
+    floor = (flops["forward"] / rates["forward_matmul_flops"] + flops["hessian"] / rates["fp32_matmul_flops"]
              + flops["solve"] / rates["fp32_matmul_flops"])
-    for r in rows:
+    timed = [r for r in rows if "seconds" in r]
+    for r in timed:
         r["floor_share"] = floor / r["seconds"]
     size_gb = sum(f.stat().st_size for f in model.glob("*.safetensors")) / 1e9
     print(f"\n{model.name} ({size_gb:.1f} GB of safetensors), {a.bits}-bit g{a.group_size} {a.optq_flags}, "
           f"calibration {a.nsamples} x {a.seqlen}; FLOP floor {floor:.0f} s (forward "
-          f"{flops['forward'] / rates['bf16_matmul_flops']:.0f} s, Hessians "
+          f"{flops['forward'] / rates['forward_matmul_flops']:.0f} s, Hessians "
           f"{flops['hessian'] / rates['fp32_matmul_flops']:.0f} s, solves {flops['solve'] / rates['fp32_matmul_flops']:.0f} s)")
     print(f"{'tool':14s} {'wall s':>8s} {'peak RSS MB':>12s} {'floor share':>11s} {'perplexity':>10s}")
+    nan = float("nan")
     for r in rows:
-        print(f"{r['tool']:14s} {r['seconds']:8.1f} {r['peak_rss_mb']:12.0f} {r['floor_share']:11.1%} "
-              f"{r.get('perplexity', float('nan')):10.3f}")
+        print(f"{r['tool']:14s} {r.get('seconds', nan):8.1f} {r.get('peak_rss_mb', nan):12.0f} "
+              f"{r.get('floor_share', nan):11.1%} {r.get('perplexity', nan):10.3f}")
     if a.vs_gptqmodel:
-        for r in rows[:-1]:
-            print(f"{r['tool']} / GPTQModel: time {r['seconds'] / rows[-1]['seconds']:.2f}, "
-                  f"peak RSS {r['peak_rss_mb'] / rows[-1]['peak_rss_mb']:.2f}")
+        for r in timed[:-1]:
+            print(f"{r['tool']} / GPTQModel: time {r['seconds'] / timed[-1]['seconds']:.2f}, "
+                  f"peak RSS {r['peak_rss_mb'] / timed[-1]['peak_rss_mb']:.2f}")
     result = {"benchmark": "quantize_speed", "machine": machine_info(), "args": vars(a), "rates": rates,
               "flops": flops, "floor_seconds": floor, "model_gb": size_gb, "rows": rows}
     name = "vs-gptqmodel" if a.vs_gptqmodel else model.name
     (work / f"result-{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
+
+
+def first_layers(source: Path, n: int, folder: Path) -> Path:
+    """`source` cut to its first `n` decoder layers (embeddings, final norm and head kept), as a folder."""
+    if (folder / "config.json").exists():
+        return folder
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    cfg = json.loads((source / "config.json").read_text())
+    if not 0 < n <= cfg["num_hidden_layers"]:
+        raise SystemExit(f"--layers {n}: the model has {cfg['num_hidden_layers']} layers")
+    cfg["num_hidden_layers"] = n
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in source.iterdir():
+        if f.suffix != ".safetensors" and f.name != "config.json":
+            shutil.copy(f, tmp / f.name)
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    tensors = {}
+    with safe_open(str(source / "model.safetensors"), "pt") as f:
+        for name in f.keys():
+            parts = name.split(".")
+            if parts[:2] == ["model", "layers"] and int(parts[2]) >= n:
+                continue
+            tensors[name] = f.get_tensor(name)
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    tmp.rename(folder)
+    return folder
 
 
 if __name__ == "__main__":

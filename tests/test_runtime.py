@@ -62,6 +62,10 @@ def test_kernels_match_reference(bits, in_f, out_f, group_size, desc_act, sym, f
         torch.testing.assert_close(ql(x), ref32, atol=2e-4, rtol=1e-4)
         # Prefill-length inputs (the int8 path switches to a dense matmul above INT8_MAX_ROWS): same answer.
         torch.testing.assert_close(ql(long_x), long_x @ qw.dequantize().T + ql.bias.float(), atol=2e-4, rtol=1e-4)
+        if kernel == "native" and bits != 8 and not native.bf16_supported():
+            # bf16 activations without AVX-512 BF16: PyTorch's int4 kernel takes them (checked next round)
+            assert ql.prepare("auto", torch.bfloat16) == "int4"
+            continue
         # bf16 activations: the kernel's error stays of the order of the reference path's own bf16 error.
         assert ql.prepare(kernel, torch.bfloat16) == kernel
         out = ql(x.bfloat16()).float()
@@ -89,8 +93,35 @@ def _require_native():
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("in_f,out_f,group_size,desc_act,sym,fmt", CASES)
+def test_native_kernel_float32_matches_float64(bits, in_f, out_f, group_size, desc_act, sym, fmt):
+    """float32 activations (the AVX-512 path, or the AVX2 one on CPUs without AVX-512) against exact sums."""
+    _require_native()
+    if bits == 3 and out_f % 32:
+        out_f = 96
+    ql, qw = make_quant_linear(in_f, out_f, bits, group_size, desc_act, sym, fmt, bias=False)
+    assert ql.prepare("auto", torch.float32) == "native"
+    w = qw.dequantize().T.double()  # [in, out]
+    # The kernel sums x * code and x per group, then s * (sum x c - z sum x): float32 rounding of terms of size
+    # |x| |s| (c + |z|), K of them at most (unit roundoff 2^-24, a factor 4 of slack).
+    g = qw.g_idx.long()
+    terms = (qw.scales[g].abs() * (qw.qweight.T.abs() + qw.zeros[g].abs())).double()  # [in, out]
+    for rows in (1, 2, 71):
+        x = torch.randn(rows, in_f)
+        exact = x.double() @ w
+        out = ql(x)
+        assert out.dtype == torch.float32 and out.shape == (rows, out_f)
+        bound = in_f * 2 ** -22 * (x.double().abs() @ terms)
+        assert bool(((out.double() - exact).abs() <= bound).all()), float(((out.double() - exact).abs() - bound).max())
+        # and far tighter than what any misplaced code would give
+        assert float((out.double() - exact).abs().max()) < 1e-3 * float(exact.abs().max())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("in_f,out_f,group_size,desc_act,sym,fmt", CASES)
 def test_native_kernel_matches_reference(bits, in_f, out_f, group_size, desc_act, sym, fmt):
     _require_native()
+    if not native.bf16_supported():
+        pytest.skip("bf16 activations on the native kernel need AVX-512 BF16 (the float32 test runs here)")
     if bits == 3 and out_f % 32:
         out_f = 96
     ql, qw = make_quant_linear(in_f, out_f, bits, group_size, desc_act, sym, fmt, bias=False)
@@ -113,7 +144,7 @@ def test_native_kernel_refuses_groups_off_its_grid():
     _require_native()
     ql, _ = make_quant_linear(48, 64, 4, 6)  # groups start at 6, 12, ...: not multiples of 4
     with pytest.raises(ValueError, match="native backend cannot run"):
-        ql.prepare("native", torch.bfloat16)
+        ql.prepare("native", torch.float32)
     assert ql.prepare("auto", torch.float32) == "reference"
 
 
@@ -167,7 +198,7 @@ def test_lm_head_input_gets_canonical_strides():
 
 
 def test_native_kernel_builds_where_it_can():
-    _require_native()  # skips without AVX-512 or a compiler, fails if the build itself failed
+    _require_native()  # skips without AVX2 or a compiler, fails if the build itself failed
     assert native.load()
 
 

@@ -78,7 +78,7 @@ def _add_common_model(p) -> None:
                    help="activation dtype; auto = bfloat16 where the CPU has native bf16, else float32 (default)")
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "native", "int4", "int8"],
                    help="QuantLinear kernel: auto picks the fastest that runs each module (native: optq's "
-                        "AVX-512 kernel for 2/3/4-bit; int4: PyTorch's int4 kernel)")
+                        "AVX-512 or AVX2 kernel for 2/3/4/8-bit; int4: PyTorch's int4 kernel)")
     p.add_argument("--allow-pickle", action="store_true")
     p.add_argument("--trust-remote-code", action="store_true")
 

@@ -93,7 +93,7 @@ def load(
     the CPU has native bf16, else float32).
 
     backend: "auto" (the fastest that can run each module), "reference" (dequantize + matmul), "native"
-    (optq's AVX-512 kernel, 2/3/4-bit), "int4" (PyTorch's CPU int4 kernel, 2/3/4-bit) or "int8" (PyTorch's CPU int8 kernel, 8-bit); a forced kernel is
+    (optq's AVX-512 or AVX2 kernel, 2/3/4/8-bit), "int4" (PyTorch's CPU int4 kernel, 2/3/4-bit) or "int8" (PyTorch's CPU int8 kernel, 8-bit); a forced kernel is
     an error for modules it cannot run."""
     path = Path(path)
     torch_dtype = parse_dtype(dtype)

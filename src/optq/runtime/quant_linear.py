@@ -3,7 +3,8 @@
 Backends (chosen once, at load time, by `prepare`):
 - "reference": dequantize the weight on each call and run a dense matmul in the activation dtype. Handles every
   bits / group size / act-order combination the format can express.
-- "native": 2/3/4/8-bit codes repacked once for optq's own AVX-512 kernels (runtime/native.py), bf16 or fp32.
+- "native": 2/3/4/8-bit codes repacked once for optq's own AVX-512 / AVX2 kernels (runtime/native.py): bf16
+  activations where the CPU has AVX-512 BF16, float32 on any CPU with AVX2 and FMA.
 - "int4": 2/3/4-bit codes repacked once for PyTorch's CPU int4 matmul (`_weight_int4pack_mm_for_cpu`).
 - "int8": 8-bit codes as int8 for PyTorch's `_weight_int8pack_mm`, one call per group.
 Once a kernel is built the checkpoint-layout tensors can be released (`optq.load` does), so a loaded model
@@ -140,12 +141,13 @@ def _sorted_codes(ql: QuantLinear) -> tuple[torch.Tensor | None, torch.Tensor, t
 
 
 class NativeKernel:
-    """optq's AVX-512 kernels (native/q4_gemm.cpp, where their layouts and algebra are written down).
+    """optq's AVX-512 / AVX2 kernels (native/q4_gemm.cpp, where their layouts and algebra are written down).
 
     Codes are stored as they are (2/3-bit codes are 4-bit codes that use part of the range; 8-bit codes one
     byte each), with float32 s and z + 128 per group and output, so w = s * (q - z) carries no rounding beyond
     the checkpoint's own. 4-bit activations run in bf16 where the CPU has AVX-512 BF16, else in float32
-    (float16 ones are widened); 8-bit computes in float32 and returns the activation dtype.
+    (float16 ones are widened; bf16 ones without AVX-512 BF16 go to PyTorch's int4 kernel, fast in bf16);
+    8-bit computes in float32 and returns bf16 results only where the CPU rounds to bf16 natively.
     Act-order inputs are sorted by group once, as for Int4Kernel; groups must start at multiples of 4 inputs
     (true for every group size that is a multiple of 4); outputs are padded to a multiple of 64 with
     zero-scale columns.
@@ -167,7 +169,7 @@ class NativeKernel:
         if k % 4 or not native.load():
             return None
         if ql.bits == 8:
-            kernel_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+            kernel_dtype = torch.bfloat16 if dtype == torch.bfloat16 and native.bf16_supported() else torch.float32
         elif dtype == torch.bfloat16 and native.bf16_supported():
             kernel_dtype = torch.bfloat16
         elif dtype == torch.bfloat16:

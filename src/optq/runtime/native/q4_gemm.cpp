@@ -1,5 +1,5 @@
-// optq native CPU kernels: bf16 (AVX-512 BF16 dot products) or float32 (AVX-512 FMA) activations x 4-bit
-// codes (q4_gemm), and float32 FMAs on 8-bit codes (q8_gemm).
+// optq native CPU kernels: bf16 (AVX-512 BF16 dot products) or float32 (AVX-512 or AVX2 FMA) activations x
+// 4-bit codes (q4_gemm), and float32 FMAs on 8-bit codes (q8_gemm).
 //
 // Packed weight layout, per tile of 64 outputs: [n_tile][k_quad][sub][32 bytes], sub = 16-output subtile.
 // Byte 2*i + e of a subtile holds code(k = 4q + e, n = 16 sub + i) in its low nibble and
@@ -16,9 +16,11 @@
 #include <cstdint>
 #include <cstring>
 
-// The library is compiled for AVX-512 F/BW/VL; the bf16 functions ask for AVX-512 BF16 themselves and run
-// only where the CPU has it (the caller checks), so one build serves fp32 activations on any AVX-512 CPU.
+// The library is compiled for AVX2 + FMA (the least a CPU needs to load it); the AVX-512 kernels ask for
+// AVX-512 themselves and run only where the CPU has it (gemm checks; bf16 activations: the caller checks for
+// AVX-512 BF16), so one build serves every CPU from AVX2 up.
 #define OPTQ_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#define OPTQ_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 
 #ifndef OPTQ_PREFETCH
 #define OPTQ_PREFETCH 1024  // bytes ahead in a tile's weight stream
@@ -90,7 +92,7 @@ OPTQ_BF16 void tile_kernel(const uint16_t* x, int64_t ldx, const uint8_t* w, con
 // zero-extended subtile, dword i = byte(2i) | byte(2i + 1) << 16, so k = 4q, 4q+1, 4q+2, 4q+3 sit at bit
 // offsets 0, 16, 4, 20. Group sums use the codes themselves: s * (sum_k x_k c_k - z sum_k x_k), z = zp - 128.
 template <int MB>
-void tile_kernel_f32(const float* x, int64_t ldx, const uint8_t* w, const float* scale, const float* zp,
+OPTQ_AVX512 void tile_kernel_f32(const float* x, int64_t ldx, const uint8_t* w, const float* scale, const float* zp,
                      const int32_t* starts, int64_t groups, const float* xsum, int64_t ldxs, float* out_f) {
   const __m512i nib = _mm512_set1_epi32(0xF);
   const __m512 off = _mm512_set1_ps(128.f);
@@ -138,7 +140,7 @@ void tile_kernel_f32(const float* x, int64_t ldx, const uint8_t* w, const float*
 // 8-bit codes: per tile, [K][64] bytes (one per output), widened to int32 lanes and converted; one FMA per
 // weight with float32 activations (bf16 ones are widened once per call). Bound by memory at one byte/weight.
 template <int MB>
-void tile_kernel_u8(const float* x, int64_t ldx, const uint8_t* w, const float* scale, const float* zp,
+OPTQ_AVX512 void tile_kernel_u8(const float* x, int64_t ldx, const uint8_t* w, const float* scale, const float* zp,
                     const int32_t* starts, int64_t groups, const float* xsum, int64_t ldxs, float* out_f) {
   const __m512 off = _mm512_set1_ps(128.f);
   __m512 out[MB][4];
@@ -175,6 +177,106 @@ void tile_kernel_u8(const float* x, int64_t ldx, const uint8_t* w, const float* 
   }
   for (int r = 0; r < MB; ++r)
     for (int s = 0; s < 4; ++s) _mm512_storeu_ps(out_f + r * TILE_N + 16 * s, out[r][s]);
+}
+
+// AVX2 (8 float lanes, 16 registers): the tile is taken in two halves of 32 outputs, vector v of half h
+// holding outputs 32h + 8v .. +7. For 4-bit codes those are the 16 bytes at 32 (2h + v/2) + 16 (v % 2) of a
+// k-quad's 128: zero-extended to 16-bit lanes they give the dword layout of tile_kernel_f32 (k = 4q .. 4q+3 at
+// bit offsets 0, 16, 4, 20). For 8-bit codes, the 8 bytes at 32h + 8v of a row. One row keeps two
+// accumulators per vector (8 FMA chains), two rows one each; out_f accumulates over the groups.
+template <int MB>
+void tile_kernel_f32_avx2(const float* x, int64_t ldx, const uint8_t* w, const float* scale, const float* zp,
+                          const int32_t* starts, int64_t groups, const float* xsum, int64_t ldxs, float* out_f) {
+  constexpr int A = MB == 1 ? 2 : 1;
+  const __m256i nib = _mm256_set1_epi32(0xF);
+  const __m256 off = _mm256_set1_ps(128.f);
+  std::memset(out_f, 0, sizeof(float) * MB * TILE_N);
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int h = 0; h < 2; ++h) {
+      __m256 acc[MB][4][A];
+      for (int r = 0; r < MB; ++r)
+        for (int v = 0; v < 4; ++v)
+          for (int a = 0; a < A; ++a) acc[r][v][a] = _mm256_setzero_ps();
+      for (int64_t q = starts[g] / 4; q < starts[g + 1] / 4; ++q) {
+        const uint8_t* wq = w + q * 128 + 64 * h;
+        _mm_prefetch((const char*)(wq + OPTQ_PREFETCH), _MM_HINT_T0);
+        for (int v = 0; v < 4; ++v) {
+          __m256i d = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(wq + 16 * v)));
+          __m256 c0 = _mm256_cvtepi32_ps(_mm256_and_si256(d, nib));
+          __m256 c1 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(d, 16), nib));
+          __m256 c2 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(d, 4), nib));
+          __m256 c3 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(d, 20), nib));
+          for (int r = 0; r < MB; ++r) {
+            const float* xr = x + r * ldx + 4 * q;
+            acc[r][v][0] = _mm256_fmadd_ps(_mm256_broadcast_ss(xr), c0, acc[r][v][0]);
+            acc[r][v][A - 1] = _mm256_fmadd_ps(_mm256_broadcast_ss(xr + 1), c1, acc[r][v][A - 1]);
+            acc[r][v][0] = _mm256_fmadd_ps(_mm256_broadcast_ss(xr + 2), c2, acc[r][v][0]);
+            acc[r][v][A - 1] = _mm256_fmadd_ps(_mm256_broadcast_ss(xr + 3), c3, acc[r][v][A - 1]);
+          }
+        }
+      }
+      const float* sg = scale + g * TILE_N + 32 * h;
+      const float* zg = zp + g * TILE_N + 32 * h;
+      for (int r = 0; r < MB; ++r) {
+        __m256 xs = _mm256_set1_ps(xsum[r * ldxs + g]);
+        for (int v = 0; v < 4; ++v) {
+          __m256 dot = A == 2 ? _mm256_add_ps(acc[r][v][0], acc[r][v][A - 1]) : acc[r][v][0];
+          __m256 z = _mm256_sub_ps(_mm256_loadu_ps(zg + 8 * v), off);
+          float* o = out_f + r * TILE_N + 32 * h + 8 * v;
+          _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_loadu_ps(sg + 8 * v), _mm256_fnmadd_ps(z, xs, dot),
+                                              _mm256_loadu_ps(o)));
+        }
+      }
+    }
+  }
+}
+
+template <int MB>
+void tile_kernel_u8_avx2(const float* x, int64_t ldx, const uint8_t* w, const float* scale, const float* zp,
+                         const int32_t* starts, int64_t groups, const float* xsum, int64_t ldxs, float* out_f) {
+  constexpr int A = MB == 1 ? 2 : 1;
+  const __m256 off = _mm256_set1_ps(128.f);
+  std::memset(out_f, 0, sizeof(float) * MB * TILE_N);
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int h = 0; h < 2; ++h) {
+      __m256 acc[MB][4][A];
+      for (int r = 0; r < MB; ++r)
+        for (int v = 0; v < 4; ++v)
+          for (int a = 0; a < A; ++a) acc[r][v][a] = _mm256_setzero_ps();
+      for (int64_t k = starts[g]; k < starts[g + 1]; k += 2) {
+        const uint8_t* wk = w + k * TILE_N + 32 * h;
+        _mm_prefetch((const char*)(wk + OPTQ_PREFETCH), _MM_HINT_T0);
+        for (int v = 0; v < 4; ++v) {
+          __m256 c0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(wk + 8 * v))));
+          __m256 c1 = _mm256_cvtepi32_ps(
+              _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(wk + TILE_N + 8 * v))));
+          for (int r = 0; r < MB; ++r) {
+            const float* xr = x + r * ldx + k;
+            acc[r][v][0] = _mm256_fmadd_ps(_mm256_broadcast_ss(xr), c0, acc[r][v][0]);
+            acc[r][v][A - 1] = _mm256_fmadd_ps(_mm256_broadcast_ss(xr + 1), c1, acc[r][v][A - 1]);
+          }
+        }
+      }
+      const float* sg = scale + g * TILE_N + 32 * h;
+      const float* zg = zp + g * TILE_N + 32 * h;
+      for (int r = 0; r < MB; ++r) {
+        __m256 xs = _mm256_set1_ps(xsum[r * ldxs + g]);
+        for (int v = 0; v < 4; ++v) {
+          __m256 dot = A == 2 ? _mm256_add_ps(acc[r][v][0], acc[r][v][A - 1]) : acc[r][v][0];
+          __m256 z = _mm256_sub_ps(_mm256_loadu_ps(zg + 8 * v), off);
+          float* o = out_f + r * TILE_N + 32 * h + 8 * v;
+          _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_loadu_ps(sg + 8 * v), _mm256_fnmadd_ps(z, xs, dot),
+                                              _mm256_loadu_ps(o)));
+        }
+      }
+    }
+  }
+}
+
+bool has_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl");
+  return yes;
 }
 
 OPTQ_BF16 void store_bf16(uint16_t* dst, const float* src) {
@@ -217,6 +319,8 @@ at::Tensor gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
       }
   }
   const int64_t N = tiles * TILE_N;
+  const bool avx512 = has_avx512();
+  TORCH_CHECK(avx512 || !bf16, "bf16 activations need AVX-512 BF16");
   at::Tensor y = at::empty({M, N}, x.options());
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   const float* sp = scale.data_ptr<float>();
@@ -232,7 +336,9 @@ at::Tensor gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
         const int rows = M - m >= 2 ? 2 : 1;
         if (bits == 8) {
           const float* xp = xf.data_ptr<float>() + m * K;
-          if (rows == 2) tile_kernel_u8<2>(xp, K, wt, stile, ztile, st, G, xsp + m * G, G, buf);
+          if (!avx512 && rows == 2) tile_kernel_u8_avx2<2>(xp, K, wt, stile, ztile, st, G, xsp + m * G, G, buf);
+          else if (!avx512) tile_kernel_u8_avx2<1>(xp, K, wt, stile, ztile, st, G, xsp + m * G, G, buf);
+          else if (rows == 2) tile_kernel_u8<2>(xp, K, wt, stile, ztile, st, G, xsp + m * G, G, buf);
           else tile_kernel_u8<1>(xp, K, wt, stile, ztile, st, G, xsp + m * G, G, buf);
           for (int r = 0; r < rows; ++r) {
             if (bf16) store_bf16((uint16_t*)y.data_ptr() + (m + r) * N + t * TILE_N, buf + r * TILE_N);
@@ -246,7 +352,9 @@ at::Tensor gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
             store_bf16((uint16_t*)y.data_ptr() + (m + r) * N + t * TILE_N, buf + r * TILE_N);
         } else {
           const float* xp = xf.data_ptr<float>() + m * K;
-          if (rows == 2) tile_kernel_f32<2>(xp, K, wt, stile, ztile, st, G, xsp + m * G, G, buf);
+          if (!avx512 && rows == 2) tile_kernel_f32_avx2<2>(xp, K, wt, stile, ztile, st, G, xsp + m * G, G, buf);
+          else if (!avx512) tile_kernel_f32_avx2<1>(xp, K, wt, stile, ztile, st, G, xsp + m * G, G, buf);
+          else if (rows == 2) tile_kernel_f32<2>(xp, K, wt, stile, ztile, st, G, xsp + m * G, G, buf);
           else tile_kernel_f32<1>(xp, K, wt, stile, ztile, st, G, xsp + m * G, G, buf);
           for (int r = 0; r < rows; ++r)
             std::memcpy(y.data_ptr<float>() + (m + r) * N + t * TILE_N, buf + r * TILE_N, TILE_N * sizeof(float));
