@@ -114,10 +114,14 @@ def test_bf16_compute_close_to_fp32():
 @pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
 def test_block_replay_is_bit_identical(model_type, monkeypatch):
     """Later passes replay finished attention/MLP blocks from their last linear's kept input instead of
-    recomputing them; the quantized weights must be exactly those of recomputing every block."""
+    recomputing them, skip norms only those read, and leave uncomputed the outputs of a group's modules that
+    share one input; the quantized weights must be exactly those of computing everything."""
     import optq.pipeline as pipeline
 
-    replays, skipped = [], []
+    replays, skipped, stubbed = [], [], []
+    stub = pipeline._GroupCollector._stub_outputs
+    monkeypatch.setattr(pipeline._GroupCollector, "_stub_outputs",
+                        lambda self: (stub(self), stubbed.append(sorted(self.modules))))
     install = pipeline._BlockReplay.install
     monkeypatch.setattr(pipeline._BlockReplay, "install", lambda self: (install(self), replays.append(self)))
     skip = pipeline._DeadModuleSkip._skip
@@ -132,11 +136,35 @@ def test_block_replay_is_bit_identical(model_type, monkeypatch):
     assert replays, "no block was replayed"
     if model_type in ("llama", "qwen2", "mistral"):  # their attention's input norm is dead once it replays
         assert any("input_layernorm" in skip for skip in skipped), skipped
+        # q/k/v and gate/up read one tensor each: their outputs were not computed after the first window
+        assert ["self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"] in stubbed, stubbed
+        assert ["mlp.gate_proj", "mlp.up_proj"] in stubbed, stubbed
     for name, tensors in results[False].items():
         for leaf, t in tensors.items():
             assert torch.equal(results[True][name][leaf], t), (name, leaf)
     if model_type in ("llama", "qwen2", "mistral"):  # blocks that return their last linear's output
         assert all(r.state == "on" for r in replays), [(r.name, r.state) for r in replays]
+
+
+def test_one_group_of_every_linear_computes_their_outputs(monkeypatch):
+    """Without true-sequential groups every linear of a layer is one group, and o_proj reads what q/k/v
+    compute: their outputs must not be left uncomputed (the weights equal those of computing everything)."""
+    import optq.pipeline as pipeline
+
+    stubbed = []
+    stub = pipeline._GroupCollector._stub_outputs
+    monkeypatch.setattr(pipeline._GroupCollector, "_stub_outputs", lambda self: (stub(self), stubbed.append(1)))
+    results = {}
+    for flag in (True, False):
+        monkeypatch.setattr(pipeline, "BLOCK_REPLAY", flag)
+        model = _random_model("llama")
+        results[flag] = quantize_model(model, _windows(model.config.vocab_size),
+                                       QuantizeConfig(bits=4, group_size=32, true_sequential=False),
+                                       progress=False).modules
+    assert not stubbed
+    for name, tensors in results[False].items():
+        for leaf, t in tensors.items():
+            assert torch.equal(results[True][name][leaf], t), (name, leaf)
 
 
 class _ReplayedBlock(nn.Module):
