@@ -184,12 +184,28 @@ OPTQ_AVX512 void tile_kernel_u8(const float* x, int64_t ldx, const uint8_t* w, c
 // k-quad's 128: zero-extended to 16-bit lanes they give the dword layout of tile_kernel_f32 (k = 4q .. 4q+3 at
 // bit offsets 0, 16, 4, 20). For 8-bit codes, the 8 bytes at 32h + 8v of a row. One row keeps two
 // accumulators per vector (8 FMA chains), two rows one each; out_f accumulates over the groups.
+// One group's half tile into out_f: out += s * (sum x c - (zp - 128) sum x), per row r and vector v.
+template <int MB, int A>
+inline void add_group_avx2(__m256 (&acc)[MB][4][A], const float* sg, const float* zg, const float* xsum,
+                           int64_t ldxs, float* out_f) {
+  const __m256 off = _mm256_set1_ps(128.f);
+  for (int r = 0; r < MB; ++r) {
+    __m256 xs = _mm256_set1_ps(xsum[r * ldxs]);
+    for (int v = 0; v < 4; ++v) {
+      __m256 dot = A == 2 ? _mm256_add_ps(acc[r][v][0], acc[r][v][A - 1]) : acc[r][v][0];
+      __m256 z = _mm256_sub_ps(_mm256_loadu_ps(zg + 8 * v), off);
+      float* o = out_f + r * TILE_N + 8 * v;
+      _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_loadu_ps(sg + 8 * v), _mm256_fnmadd_ps(z, xs, dot),
+                                          _mm256_loadu_ps(o)));
+    }
+  }
+}
+
 template <int MB>
 void tile_kernel_f32_avx2(const float* x, int64_t ldx, const uint8_t* w, const float* scale, const float* zp,
                           const int32_t* starts, int64_t groups, const float* xsum, int64_t ldxs, float* out_f) {
   constexpr int A = MB == 1 ? 2 : 1;
   const __m256i nib = _mm256_set1_epi32(0xF);
-  const __m256 off = _mm256_set1_ps(128.f);
   std::memset(out_f, 0, sizeof(float) * MB * TILE_N);
   for (int64_t g = 0; g < groups; ++g) {
     for (int h = 0; h < 2; ++h) {
@@ -215,18 +231,8 @@ void tile_kernel_f32_avx2(const float* x, int64_t ldx, const uint8_t* w, const f
           }
         }
       }
-      const float* sg = scale + g * TILE_N + 32 * h;
-      const float* zg = zp + g * TILE_N + 32 * h;
-      for (int r = 0; r < MB; ++r) {
-        __m256 xs = _mm256_set1_ps(xsum[r * ldxs + g]);
-        for (int v = 0; v < 4; ++v) {
-          __m256 dot = A == 2 ? _mm256_add_ps(acc[r][v][0], acc[r][v][A - 1]) : acc[r][v][0];
-          __m256 z = _mm256_sub_ps(_mm256_loadu_ps(zg + 8 * v), off);
-          float* o = out_f + r * TILE_N + 32 * h + 8 * v;
-          _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_loadu_ps(sg + 8 * v), _mm256_fnmadd_ps(z, xs, dot),
-                                              _mm256_loadu_ps(o)));
-        }
-      }
+      add_group_avx2<MB, A>(acc, scale + g * TILE_N + 32 * h, zp + g * TILE_N + 32 * h, xsum + g, ldxs,
+                            out_f + 32 * h);
     }
   }
 }
@@ -235,7 +241,6 @@ template <int MB>
 void tile_kernel_u8_avx2(const float* x, int64_t ldx, const uint8_t* w, const float* scale, const float* zp,
                          const int32_t* starts, int64_t groups, const float* xsum, int64_t ldxs, float* out_f) {
   constexpr int A = MB == 1 ? 2 : 1;
-  const __m256 off = _mm256_set1_ps(128.f);
   std::memset(out_f, 0, sizeof(float) * MB * TILE_N);
   for (int64_t g = 0; g < groups; ++g) {
     for (int h = 0; h < 2; ++h) {
@@ -257,18 +262,8 @@ void tile_kernel_u8_avx2(const float* x, int64_t ldx, const uint8_t* w, const fl
           }
         }
       }
-      const float* sg = scale + g * TILE_N + 32 * h;
-      const float* zg = zp + g * TILE_N + 32 * h;
-      for (int r = 0; r < MB; ++r) {
-        __m256 xs = _mm256_set1_ps(xsum[r * ldxs + g]);
-        for (int v = 0; v < 4; ++v) {
-          __m256 dot = A == 2 ? _mm256_add_ps(acc[r][v][0], acc[r][v][A - 1]) : acc[r][v][0];
-          __m256 z = _mm256_sub_ps(_mm256_loadu_ps(zg + 8 * v), off);
-          float* o = out_f + r * TILE_N + 32 * h + 8 * v;
-          _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_loadu_ps(sg + 8 * v), _mm256_fnmadd_ps(z, xs, dot),
-                                              _mm256_loadu_ps(o)));
-        }
-      }
+      add_group_avx2<MB, A>(acc, scale + g * TILE_N + 32 * h, zp + g * TILE_N + 32 * h, xsum + g, ldxs,
+                            out_f + 32 * h);
     }
   }
 }
