@@ -198,3 +198,29 @@ def test_streamed_peak_memory_does_not_grow_with_layers(tmp_path, tinystories_te
     streamed, whole = growth(True, "s"), growth(False, "w")
     assert whole > 0.75 * extra, (whole, extra)
     assert streamed < 0.15 * extra, (streamed, extra)
+
+
+def test_spilled_stores_reuse_files(tmp_path):
+    """A recycled store's file goes to the next store of its size (stale contents overwritten, read back
+    exactly); other sizes get a new file; no file is ever visible in the folder."""
+    from optq.pipeline import HiddenStates, SpillFiles
+
+    files = SpillFiles(tmp_path)
+    shapes = [(1, 5, 8), (1, 3, 8)]
+    first = HiddenStates(shapes, torch.float32, "cpu", files)
+    for j, s in enumerate(shapes):
+        first[j] = torch.randn(s)
+        first.release(j)
+    storage = first._file.map.data_ptr()
+    first.recycle()
+    assert len(first) == 0 and not first.spilled
+    second = HiddenStates(shapes, torch.float32, "cpu", files)
+    assert second._file.map.data_ptr() == storage
+    new = [torch.randn(s) for s in shapes]
+    for j, t in enumerate(new):
+        second[j] = t
+        second.release(j)
+    assert all(torch.equal(second[j], t) for j, t in enumerate(new))
+    other = HiddenStates([(1, 4096, 8)], torch.float32, "cpu", files)
+    assert other._file.map.data_ptr() != storage
+    assert not list(tmp_path.iterdir())
