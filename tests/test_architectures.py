@@ -237,17 +237,20 @@ def test_dead_module_skip_watches_uses(layer_cls, dead):
             torch.testing.assert_close(g, e)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
-def test_native_causal_attention_in_every_architecture(model_type, monkeypatch):
-    """The calibration forward's attention (native_causal_attention) gives each architecture's bf16 logits as
+def test_native_causal_attention_in_every_architecture(model_type, dtype, monkeypatch):
+    """The calibration forward's attention (native_causal_attention) gives each architecture's logits as
     sdpa does; the ones whose attention is plain causal take the native kernel, the others (Gemma 2/3's
     sliding windows and soft-capping) keep sdpa or their own attention."""
     import optq.runtime.attention as attention
     from optq.runtime import native
 
-    if not (native.bf16_supported() and native.load()):
+    if dtype == torch.bfloat16 and not (native.bf16_supported() and native.load()):
         pytest.skip(f"optq's native bf16 kernels are unavailable here: {native.why_unavailable()}")
-    model = _random_model(model_type).to(torch.bfloat16)
+    if dtype == torch.float32 and not (native.cpu_supported() and not native.avx512() and native.load()):
+        pytest.skip("the native float32 attention runs on AVX2-only CPUs")
+    model = _random_model(model_type).to(dtype)
     ids = _windows(model.config.vocab_size, n=1, length=40)[0]
     taken = []
     real = attention._native_causal_applies
@@ -261,4 +264,5 @@ def test_native_causal_attention_in_every_architecture(model_type, monkeypatch):
     if model_type not in ("gemma2", "gemma3_text"):
         assert sdpa and all(taken), model_type
     scale = ref.abs().max()
-    assert (out - ref).abs().max() <= 0.03 * scale, ((out - ref).abs().max(), scale)
+    tolerance = 0.03 if dtype == torch.bfloat16 else 1e-4
+    assert (out - ref).abs().max() <= tolerance * scale, ((out - ref).abs().max(), scale)

@@ -289,6 +289,62 @@ def test_native_causal_attention_independent_of_threads():
     assert torch.equal(one, torch.ops.optq_native.causal_attention(q, k, v, 0.125))
 
 
+@pytest.mark.parametrize("batch,heads,kv_heads,length,dim,spread", [
+    (1, 9, 3, 300, 64, 2.0), (2, 4, 2, 100, 128, 2.0), (1, 2, 1, 1, 64, 1.0), (1, 4, 4, 65, 96, 1.0),
+    (1, 8, 2, 130, 256, 1.0), (2, 4, 2, 70, 16, 1.0), (1, 4, 1, 129, 32, 8.0)])
+def test_native_causal_attention_float32_matches_float64(batch, heads, kv_heads, length, dim, spread):
+    """The float32 (AVX2) path against float64 brute force: float32 accuracy, no worse than torch's float32 sdpa
+    (within a factor), and threads do not change a bit."""
+    import torch.nn.functional as F
+
+    _require_native()
+    g = torch.Generator().manual_seed(length * dim + heads + 1)
+    q = (torch.randn(batch, length, heads, dim, generator=g) * spread).transpose(1, 2)
+    k = torch.randn(batch, kv_heads, length, dim, generator=g) * spread
+    v = torch.randn(batch, length, kv_heads, dim, generator=g).transpose(1, 2)  # strided values, read in place
+    scale = dim ** -0.5
+    out = torch.ops.optq_native.causal_attention(q, k, v, scale)
+    assert out.shape == (batch, length, heads, dim) and out.dtype == torch.float32 and out.is_contiguous()
+    exact = _attention_float64(q, k, v, scale)
+    theirs = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True).transpose(1, 2)
+    ours_err, theirs_err = (out.double() - exact).abs(), (theirs.double() - exact).abs()
+    assert ours_err.max() <= theirs_err.max() * 4 + 1e-6, (ours_err.max(), theirs_err.max())
+    assert ours_err.max() <= 1e-5 * exact.abs().max(), ours_err.max()
+    groups = heads // kv_heads
+    torch.testing.assert_close(out[:, 0], v[:, :, 0].repeat_interleave(groups, 1), rtol=0, atol=0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.optq_native.causal_attention(q, k, v, scale)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, out)
+
+
+def test_float32_causal_attention_in_models_matches_sdpa(tinystories_model, monkeypatch):
+    """On an AVX2-only CPU a float32 model's calibration prompts take the float32 kernel; logits match sdpa's to
+    float32 accuracy."""
+    import optq.runtime.attention as attention
+    from optq.api import load_any
+
+    _require_native()
+    if native.avx512():
+        pytest.skip("the float32 kernel is used on AVX2-only CPUs (its op is tested directly above)")
+    model, tok = load_any(tinystories_model, "float32")
+    ids = tok(["Once upon a time there was a little girl who loved to play outside in the sun"],
+              return_tensors="pt").input_ids
+    taken = []
+    real = attention._native_causal_applies
+    monkeypatch.setattr(attention, "_native_causal_applies", lambda *a: taken.append(real(*a)) or taken[-1])
+    with torch.no_grad():
+        ref = model(ids).logits
+        with attention.native_causal_attention(model) as switched:
+            assert switched
+            out = model(ids).logits
+    assert taken and all(taken)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
 def test_causal_attention_in_models_matches_sdpa(tinystories_model, monkeypatch):
     """Under native_causal_attention a bf16 model's unmasked prompts take the native kernel and padded ones
     fall back to sdpa; the logits match sdpa's within bf16 noise."""

@@ -979,7 +979,7 @@ def quantize_model(
     rows: list[ModuleLog] = []
     left_float: dict[str, str] = {}
     bar = tqdm(range(len(layers)), desc="Quantizing layers", unit="layer", disable=not progress)
-    # causal bf16 attention of the calibration windows on optq's native kernel (4x torch's here), if it applies
+    # causal attention of the calibration windows on optq's native kernel (faster than torch's), where it applies
     attention = native_causal_attention(model) if needs_data and device.type == "cpu" else contextlib.nullcontext()
     with attention:
         for index in bar:
