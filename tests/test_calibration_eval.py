@@ -36,6 +36,10 @@ def test_jsonl_and_folder(tmp_path):
     bad.write_text("{not json\n")
     with pytest.raises(OptqError, match="not valid JSON"):
         load_documents(str(bad))
+    binary = tmp_path / "windows.safetensors"  # a binary file passed as text
+    binary.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\":\xc1\xff}")
+    with pytest.raises(OptqError, match="windows.safetensors is not UTF-8 text"):
+        load_documents(str(binary))
 
 
 def test_pydoc_builtin_and_unknown_names():

@@ -36,6 +36,14 @@ def _wikitext_rows(text: str) -> list[str]:
 
 
 def _read_file(path: Path) -> list[str]:
+    try:
+        return _read_text_file(path)
+    except UnicodeDecodeError as e:
+        raise OptqError(f"{path} is not UTF-8 text (byte {e.start}): --dataset takes a text file (.txt, .raw, "
+                        ".md, .jsonl with a 'text' field), a folder of them, or a name (pydoc, wikitext2, c4)") from None
+
+
+def _read_text_file(path: Path) -> list[str]:
     if path.suffix == ".jsonl":
         docs = []
         with path.open(encoding="utf-8") as f:
