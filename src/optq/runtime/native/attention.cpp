@@ -35,6 +35,10 @@ namespace {
 constexpr int BQ = 64;  // queries per work item
 constexpr int BK = 64;  // keys per block
 
+// Cephes' expf polynomial on the reduced argument, highest degree first.
+constexpr float kExpPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                               4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
 // exp on 16 floats: Cephes' expf (range reduction by ln 2 in two parts, degree-6 polynomial), ~1 ulp.
 // Inputs below -87 give exp(-87) (callers zero the masked lanes themselves).
 OPTQ_BF16 inline __m512 exp_ps(__m512 x) {
@@ -44,12 +48,8 @@ OPTQ_BF16 inline __m512 exp_ps(__m512 x) {
   x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
   x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
   __m512 z = _mm512_mul_ps(x, x);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+  __m512 y = _mm512_set1_ps(kExpPoly[0]);
+  for (int i = 1; i < 6; ++i) y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(kExpPoly[i]));
   y = _mm512_fmadd_ps(y, z, _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
   return _mm512_scalef_ps(y, n);
 }
@@ -188,6 +188,21 @@ OPTQ_BF16 void attend_block(const uint16_t* q, int64_t q_row, const uint16_t* kp
 }
 
 
+// Runs attend(b, h, kv head, first query) for every (batch, head, block of BQ queries), items taken from a
+// shared counter heaviest (last) query blocks first, so the causal triangle balances over the threads.
+template <typename Attend>
+void for_each_item(int64_t B, int64_t H, int64_t Hkv, int64_t L, const Attend& attend) {
+  const int64_t qblocks = (L + BQ - 1) / BQ, items = B * H * qblocks;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    for (int64_t t; (t = next.fetch_add(1)) < items;) {
+      const int64_t qblock = qblocks - 1 - t / (B * H);
+      const int64_t bh = t % (B * H), b = bh / H, h = bh % H;
+      attend(b, h, h / (H / Hkv), qblock * BQ);
+    }
+  });
+}
+
 // ---- float32 (AVX2 + FMA) ----------------------------------------------------------------------------------
 
 // exp on 8 floats, as exp_ps (Cephes' expf); 2^n is built in the exponent bits (n >= -126 after the clamp).
@@ -198,12 +213,8 @@ OPTQ_AVX2 inline __m256 exp8(__m256 x) {
   x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
   x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
   __m256 z = _mm256_mul_ps(x, x);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  __m256 y = _mm256_set1_ps(kExpPoly[0]);
+  for (int i = 1; i < 6; ++i) y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(kExpPoly[i]));
   y = _mm256_fmadd_ps(y, z, _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
   __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
@@ -360,17 +371,10 @@ at::Tensor causal_attention_f32(const at::Tensor& q, const at::Tensor& k, const 
       pack_k_f32(kd + b * k.stride(0) + h * k.stride(1), k.stride(2), L, D, kp.data() + i * blocks * BK * D);
     }
   });
-  const int64_t qblocks = (L + BQ - 1) / BQ, items = B * H * qblocks;
-  std::atomic<int64_t> next{0};
-  const int threads = at::get_num_threads();
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    for (int64_t t; (t = next.fetch_add(1)) < items;) {
-      const int64_t qblock = qblocks - 1 - t / (B * H);  // heaviest (last) query blocks first
-      const int64_t bh = t % (B * H), b = bh / H, h = bh % H, hk = h / (H / Hkv);
-      attend_block_f32(qd + b * q.stride(0) + h * q.stride(1), q.stride(2),
-                       kp.data() + (b * Hkv + hk) * blocks * BK * D, vd + b * v.stride(0) + hk * v.stride(1),
-                       v.stride(2), L, D, qblock * BQ, (float)scale, od + b * L * H * D + h * D, H * D);
-    }
+  for_each_item(B, H, Hkv, L, [&](int64_t b, int64_t h, int64_t hk, int64_t q0) {
+    attend_block_f32(qd + b * q.stride(0) + h * q.stride(1), q.stride(2),
+                     kp.data() + (b * Hkv + hk) * blocks * BK * D, vd + b * v.stride(0) + hk * v.stride(1),
+                     v.stride(2), L, D, q0, (float)scale, od + b * L * H * D + h * D, H * D);
   });
   return out;
 }
@@ -402,17 +406,10 @@ at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::
               v.stride(2), L, D, kp.data() + i * blocks * BK * D, vp.data() + i * blocks * BK * D);
     }
   });
-  const int64_t qblocks = (L + BQ - 1) / BQ, items = B * H * qblocks;
-  std::atomic<int64_t> next{0};
-  const int threads = at::get_num_threads();
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    for (int64_t t; (t = next.fetch_add(1)) < items;) {
-      const int64_t qblock = qblocks - 1 - t / (B * H);  // heaviest (last) query blocks first
-      const int64_t bh = t % (B * H), b = bh / H, h = bh % H, hk = h / (H / Hkv);
-      const int64_t packed = (b * Hkv + hk) * blocks * BK * D;
-      attend_block(qd + b * q.stride(0) + h * q.stride(1), q.stride(2), kp.data() + packed, vp.data() + packed, L, D,
-                   qblock * BQ, (float)scale, od + b * L * H * D + h * D, H * D);
-    }
+  for_each_item(B, H, Hkv, L, [&](int64_t b, int64_t h, int64_t hk, int64_t q0) {
+    const int64_t packed = (b * Hkv + hk) * blocks * BK * D;
+    attend_block(qd + b * q.stride(0) + h * q.stride(1), q.stride(2), kp.data() + packed, vp.data() + packed, L, D,
+                 q0, (float)scale, od + b * L * H * D + h * D, H * D);
   });
   return out;
 }
