@@ -51,10 +51,12 @@ def test_streamed_equals_whole_model(tinystories_model, tinystories_text, tmp_pa
     import optq.pipeline
 
     kw = dict(dataset=str(tinystories_text), **CAL, **extra)
-    # The whole-model run recomputes every block; the streamed one replays finished blocks from kept (and,
-    # with a tiny --max-activation-memory, spilled) inputs: equal bytes check both.
+    # The whole-model run recomputes every block and holds its activations in memory; the streamed one
+    # replays finished blocks from kept (and, with a tiny --max-activation-memory, spilled) inputs: equal
+    # bytes check both.
     monkeypatch.setattr(optq.pipeline, "BLOCK_REPLAY", False)
-    optq.quantize(tinystories_model, tmp_path / "whole", QuantizeConfig(**cfg), stream=False, **kw)
+    whole = {k: v for k, v in kw.items() if k != "max_activation_memory"}
+    optq.quantize(tinystories_model, tmp_path / "whole", QuantizeConfig(**cfg), stream=False, **whole)
     monkeypatch.setattr(optq.pipeline, "BLOCK_REPLAY", True)
     optq.quantize(tinystories_model, tmp_path / "streamed", QuantizeConfig(**cfg), stream=True, **kw)
     _same_checkpoint(tmp_path / "whole", tmp_path / "streamed")
@@ -202,25 +204,39 @@ def test_streamed_peak_memory_does_not_grow_with_layers(tmp_path, tinystories_te
 
 def test_spilled_stores_reuse_files(tmp_path):
     """A recycled store's file goes to the next store of its size (stale contents overwritten, read back
-    exactly); other sizes get a new file; no file is ever visible in the folder."""
+    exactly, windows written in any order); other sizes get a new file; no file is ever visible."""
     from optq.pipeline import HiddenStates, SpillFiles
 
     files = SpillFiles(tmp_path)
-    shapes = [(1, 5, 8), (1, 3, 8)]
+    shapes = [(1, 5, 8), (1, 3, 8), (1, 700, 8)]  # the last crosses a page boundary
     first = HiddenStates(shapes, torch.float32, "cpu", files)
     for j, s in enumerate(shapes):
         first[j] = torch.randn(s)
-        first.release(j)
-    storage = first._file.map.data_ptr()
+    storage = first._file
     first.recycle()
     assert len(first) == 0 and not first.spilled
     second = HiddenStates(shapes, torch.float32, "cpu", files)
-    assert second._file.map.data_ptr() == storage
+    assert second._file is storage
     new = [torch.randn(s) for s in shapes]
-    for j, t in enumerate(new):
-        second[j] = t
-        second.release(j)
+    for j in (2, 0, 1):
+        second[j] = new[j]
     assert all(torch.equal(second[j], t) for j, t in enumerate(new))
     other = HiddenStates([(1, 4096, 8)], torch.float32, "cpu", files)
-    assert other._file.map.data_ptr() != storage
+    assert other._file is not storage
     assert not list(tmp_path.iterdir())
+
+
+def test_alias_keeps_its_windows(tmp_path):
+    """Writing a window of a store leaves its alias's window as it was, in memory and spilled."""
+    from optq.pipeline import HiddenStates, SpillFiles
+
+    shapes = [(1, 4, 8), (1, 6, 8)]
+    before = [torch.randn(s) for s in shapes]
+    for spill in (None, SpillFiles(tmp_path)):
+        store = HiddenStates(shapes, torch.float32, "cpu", spill)
+        for j, t in enumerate(before):
+            store[j] = t.clone()
+        twin = store.alias()
+        store[1] = torch.zeros(shapes[1])
+        assert torch.equal(twin[0], before[0]) and torch.equal(twin[1], before[1])
+        assert torch.equal(store[1], torch.zeros(shapes[1])) and torch.equal(store[0], before[0])

@@ -169,7 +169,6 @@ class _CaptureStore:
             raise OptqError(f"calibration window {j}: decoder layer 0 received hidden states of shape "
                             f"{tuple(hidden.shape)}, expected {self.hidden.shapes[j]}")
         self.hidden[j] = hidden
-        self.hidden.release(j)
         self.extras.append((_dedupe(args, self._seen), _dedupe(kwargs, self._seen)))
 
 
@@ -230,14 +229,13 @@ def _dedupe(obj, seen: dict[tuple, list[torch.Tensor]]):
 
 
 class _SpillFile:
-    """One spill file: its descriptor (written with pwrite) and its pages mapped as a uint8 tensor (read)."""
+    """One spill file, written with pwrite and read with pread."""
 
-    def __init__(self, fd: int, path: str, nbytes: int):
+    def __init__(self, fd: int, nbytes: int):
         import os
         import weakref
 
         self.fd, self.nbytes = fd, nbytes
-        self.map = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
         weakref.finalize(self, os.close, fd)
 
     def write(self, offset: int, t: torch.Tensor) -> None:
@@ -248,16 +246,29 @@ class _SpillFile:
             n = os.pwrite(self.fd, data, offset)
             data, offset = data[n:], offset + n
 
+    def read(self, offset: int, out: torch.Tensor) -> None:
+        """Fill `out` (a contiguous uint8 tensor) from `offset`."""
+        import os
+
+        data = memoryview(out.numpy())
+        while len(data):
+            n = os.preadv(self.fd, [data], offset)
+            if n == 0:
+                raise OptqError("a calibration activation spill file ended early: was its folder changed under "
+                                "the run?")
+            data, offset = data[n:], offset + n
+
 
 class SpillFiles:
     """The files that spilled activations live in during one quantization run, each unlinked as soon as it is
-    opened (nothing is left behind). Windows are written with pwrite and read through a memory map.
+    opened (nothing is left behind). Windows are written with pwrite and read back with pread into one
+    buffer per store: reading through a memory map instead cost a page fault per 4 KiB read and an madvise
+    per window to keep the pages out of the process, ~2 s per SmolLM2 layer at 128 x 2048 (see
+    docs/design.md).
 
-    A store that is done with (a layer's inputs once its outputs exist, a replayed block's kept inputs) gives
-    its file back, and the next store of the same size takes it. Writing pages through the map costs ~1.6 s per
-    600 MB of fresh file here (a page fault and a block allocation per 4 KiB), pwrite ~0.15 s, and rewriting a
-    reused file's cached pages ~0.09 s. A new file's blocks are allocated up front (fallocate), which also
-    turns a full disk into a clear error here instead of a SIGBUS at a later read."""
+    A store that is done with (a replayed block's kept inputs) gives its file back, and the next store of the
+    same size takes it: rewriting a file's cached pages is ~30x cheaper than writing fresh ones. A new file's
+    blocks are allocated up front (fallocate), which turns a full disk into a clear error at once."""
 
     def __init__(self, folder):
         self.folder = folder
@@ -274,7 +285,7 @@ class SpillFiles:
         fd, path = tempfile.mkstemp(prefix=".optq-activations-", dir=self.folder)
         try:
             _allocate(fd, nbytes, self.folder)
-            return _SpillFile(fd, path, nbytes)
+            return _SpillFile(fd, nbytes)
         except BaseException:
             os.close(fd)
             raise
@@ -311,32 +322,37 @@ def _allocate(fd: int, nbytes: int, folder) -> None:
 
 class HiddenStates:
     """The hidden states of every calibration window at one point of the model, in memory or, when they
-    would exceed --max-activation-memory, in a memory-mapped file of `spill` whose pages are handed back to
-    the OS after each window is used."""
+    would exceed --max-activation-memory, in a file of `spill`.
+
+    A spilled window is read into one buffer of the store: what `store[j]` returns is valid until the next
+    read of the same store (every reader uses a window and is done with it before reading the next)."""
 
     def __init__(self, shapes: list[tuple[int, ...]], dtype: torch.dtype, device, spill: SpillFiles | None = None):
         self.shapes, self.dtype, self.device, self.spill = shapes, dtype, device, spill
         self._tensors: list[torch.Tensor | None] = [None] * len(shapes)
         self._file = None
+        self._buffer: torch.Tensor | None = None
         if spill is not None:
             import math
             import os
 
-            item = torch.empty((), dtype=dtype).element_size()
+            self._item = torch.empty((), dtype=dtype).element_size()
             page = os.sysconf("SC_PAGE_SIZE")
             self._offsets, pos = [], 0
             for shape in shapes:
                 self._offsets.append(pos)
-                pos += -(-math.prod(shape) * item // page) * page
+                pos += -(-self._bytes(shape) // page) * page
             self._file = spill.take(max(pos, page))
-            self._item = item
+
+    def _bytes(self, shape: tuple[int, ...]) -> int:
+        import math
+
+        return math.prod(shape) * self._item
 
     def copy(self) -> "HiddenStates":
         out = self.empty_like()
         for j in range(len(self)):
             out[j] = self[j]
-            out.release(j)
-            self.release(j)
         return out
 
     def empty_like(self, last_dim: int | None = None) -> "HiddenStates":
@@ -344,11 +360,20 @@ class HiddenStates:
         shapes = self.shapes if last_dim is None else [(*s[:-1], last_dim) for s in self.shapes]
         return HiddenStates(shapes, self.dtype, self.device, self.spill)
 
+    def alias(self) -> "HiddenStates":
+        """Another store holding the same windows now, which writes to either leave the other alone: a
+        shallow copy in memory, a full copy when spilled."""
+        if self.spilled:
+            return self.copy()
+        out = HiddenStates(self.shapes, self.dtype, self.device)
+        out._tensors = list(self._tensors)
+        return out
+
     def recycle(self) -> None:
         """Done with: the file goes back to `spill` for the next store (memory is just dropped)."""
         if self._file is not None:
             self.spill.give_back(self._file)
-        self._file = None
+        self._file = self._buffer = None
         self._tensors = [None] * len(self.shapes)
         self.shapes = []
 
@@ -359,43 +384,23 @@ class HiddenStates:
     def spilled(self) -> bool:
         return self._file is not None
 
-    def _view(self, j: int) -> torch.Tensor:
-        import math
-
-        start = self._offsets[j]
-        return self._file.map[start:start + math.prod(self.shapes[j]) * self._item].view(self.dtype).view(self.shapes[j])
-
     def __getitem__(self, j: int) -> torch.Tensor:
         if self._file is None:
             return self._tensors[j]
-        return self._view(j).to(self.device)
+        n = self._bytes(self.shapes[j])
+        if self._buffer is None:
+            self._buffer = torch.empty(max(self._bytes(s) for s in self.shapes), dtype=torch.uint8)
+        self._file.read(self._offsets[j], self._buffer[:n])
+        return self._buffer[:n].view(self.dtype).view(self.shapes[j]).to(self.device)
 
     def __setitem__(self, j: int, t: torch.Tensor) -> None:
+        """Window j is now `t` (in memory the tensor itself is held: its owner must not write into it later)."""
         if self._file is None:
             self._tensors[j] = t
         else:
             if tuple(t.shape) != tuple(self.shapes[j]):
                 raise ValueError(f"window {j}: shape {tuple(t.shape)}, expected {tuple(self.shapes[j])}")
             self._file.write(self._offsets[j], t.to(device="cpu", dtype=self.dtype))
-
-    def release(self, j: int) -> None:
-        """Window j is not needed for now: drop its pages from this process (they stay in the file)."""
-        if self._file is not None:
-            _dont_need(self._view(j))
-
-
-def _dont_need(t: torch.Tensor) -> None:
-    try:
-        import ctypes
-        import os
-
-        page = os.sysconf("SC_PAGE_SIZE")
-        start = t.data_ptr() // page * page
-        length = -(-(t.data_ptr() + t.numel() * t.element_size() - start) // page) * page
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), 4)  # MADV_DONTNEED
-    except (OSError, AttributeError, ValueError):
-        pass  # not Linux: the OS reclaims the clean pages under pressure anyway
 
 
 class LayerInputs:
@@ -413,7 +418,6 @@ class LayerInputs:
     def __iter__(self):
         for j, (args, kwargs) in enumerate(self.extras):
             yield self.hidden[j], args, kwargs
-            self.hidden.release(j)
 
     def with_hidden(self, hidden: HiddenStates) -> "LayerInputs":
         return LayerInputs(hidden, self.extras)
@@ -451,7 +455,6 @@ class _GroupCollector:
             x = args[0]
             if name in self.keep:
                 self.keep[name][self.window] = x
-                self.keep[name].release(self.window)  # spilled: to the file now, not held until the replay
             x_ref = self._reference.get(name) if self.asymmetric else None
             shared = next((a for t, a in self._inputs if t is x), None)
             if name not in self.acc:
@@ -500,7 +503,6 @@ class _GroupCollector:
                         except _StopForward:
                             stopped = True
                         del hidden
-                        inputs.hidden.release(j)
                         if (BLOCK_REPLAY and stopped and not self._stubbed and len(self.modules) > 1
                                 and len({id(a) for a in self.acc.values()}) == 1):
                             self._stub_outputs()
@@ -562,7 +564,6 @@ class _BlockReplay:
                         # read it instead of recomputing it (2 of o_proj's 3 replays)
                         self.kept[j] = y if self.kept.spilled else y.clone()
                         self.outputs.add(j)
-                self.kept.release(j)
                 if self.slot == -1:
                     return y
                 return (*self.template[:self.slot], y, *self.template[self.slot + 1:])
@@ -948,8 +949,8 @@ def quantize_model(
     asymmetric = needs_data and config.gptaq
     inputs = float_inputs = None
     if needs_data:
-        # A layer's inputs and outputs are held at once (and the float stream's too, for GPTAQ), and the
-        # inputs of the blocks' last linears that the later passes replay (see _BlockReplay).
+        # A layer's inputs, which its outputs replace window by window (and the float stream's too, for GPTAQ),
+        # and the inputs of the blocks' last linears that the later passes replay (see _BlockReplay).
         first_plan, _ = _module_plan(layers[0], f"{layers_path}.0", spec.groups, config, [], 0, quiet=True)
         replay_widths = sum(linear_shape(get_submodule(layers[0], loc))[0]
                             for _, loc in _replay_candidates(first_plan).values()) if BLOCK_REPLAY else 0
@@ -958,7 +959,7 @@ def quantize_model(
         tokens = sum(w.shape[-1] for w in windows)
 
         def spill(width: int, item: int) -> bool:
-            need = tokens * item * (width * (4 if asymmetric else 2) + replay_widths)
+            need = tokens * item * (width * (2 if asymmetric else 1) + replay_widths)
             if max_activation_memory is None or need <= max_activation_memory:
                 return False
             log.info("calibration activations (%.0f MB per layer) spill to a file in %s", need / 1e6, spill_dir)
@@ -970,8 +971,7 @@ def quantize_model(
             stream.after_capture(model)
         inputs = LayerInputs(captured.hidden, captured.extras)
         if asymmetric:
-            float_inputs = LayerInputs(inputs.hidden.copy() if inputs.hidden.spilled else inputs.hidden,
-                                       captured.extras)
+            float_inputs = LayerInputs(inputs.hidden.alias(), captured.extras)
         del captured
     elif stream is not None:
         stream.after_capture(model)
@@ -1078,7 +1078,6 @@ def quantize_model(
                 fault_point(f"layer:{index}")
             del layer_weights
             if needs_data:
-                outputs = inputs.hidden.empty_like()
                 dead = _DeadModuleSkip(work, replays)
                 try:
                     with torch.no_grad():
@@ -1089,22 +1088,16 @@ def quantize_model(
                                 out = _layer_output(work(hidden, *args, **kwargs))
                             if not torch.isfinite(out).all():
                                 raise OptqError(f"layer {index}: its outputs hold NaN or Inf on the calibration data")
-                            outputs[j] = out
-                            outputs.release(j)
+                            # the window's outputs replace its inputs, which nothing reads again: one store
+                            inputs.hidden[j] = out
                             del out
                 finally:
                     dead.remove()
                 if asymmetric:
-                    float_outputs = float_inputs.hidden.empty_like()
                     with torch.no_grad():
                         for j, (hidden, args, kwargs) in enumerate(float_inputs):
-                            float_outputs[j] = _layer_output(float_layer(hidden, *args, **kwargs))
-                            float_outputs.release(j)
-                    float_inputs.hidden.recycle()
-                    float_inputs = float_inputs.with_hidden(float_outputs)
+                            float_inputs.hidden[j] = _layer_output(float_layer(hidden, *args, **kwargs))
                     del float_layer
-                inputs.hidden.recycle()
-                inputs = inputs.with_hidden(outputs)
             for r in replays:
                 r.remove()
                 r.kept.recycle()
@@ -1142,7 +1135,6 @@ def quantize_model(
                         for j in windows_of_round:
                             part[head_name].add(norm(inputs.hidden[j]),
                                                 x_ref=norm(float_inputs.hidden[j]) if asymmetric else None)
-                            inputs.hidden.release(j)
                         hessians.end_round(part)
                 acc = hessians.finish()[head_name]
             _untie(model, head)
