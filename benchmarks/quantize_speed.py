@@ -134,7 +134,7 @@ def main() -> None:
         if not a.spill_only:
             rows.append({"tool": "optq", **optq_run(model, out, a, str(wiki_valid))})
         if a.spill_variant:
-            # the same run with the calibration activations spilled to a memory-mapped file: same bytes
+            # the same run with the calibration activations spilled to a file: same bytes
             spilled = work / "optq-spilled"
             flags = a.optq_flags
             a.optq_flags = f"{flags} --max-activation-memory {a.spill_variant}"

@@ -56,7 +56,7 @@ def _add_quantize(sub) -> None:
                    help="read one decoder layer at a time from the model's safetensors and write the checkpoint as "
                         "it goes, so memory does not grow with the model (default: on for safetensors folders)")
     p.add_argument("--max-activation-memory", default="4GB",
-                   help="calibration hidden states beyond this spill to a memory-mapped file next to OUT (default 4GB)")
+                   help="calibration hidden states beyond this spill to a file next to OUT (default 4GB)")
     p.add_argument("--device", default="cpu", help="compute device for the layer being quantized (cpu, cuda)")
     p.add_argument("--hessian-shards", type=int, default=None,
                    help="the calibration windows' Hessians are summed in this many shards in a fixed order, so "
