@@ -35,18 +35,20 @@ namespace {
 constexpr int BQ = 64;  // queries per work item
 constexpr int BK = 64;  // keys per block
 
-// Cephes' expf polynomial on the reduced argument, highest degree first.
+// Cephes' expf: the clamp, the range reduction x = n ln 2 + r (ln 2 in a high and a low part), and the
+// polynomial on r, highest degree first.
+constexpr float kExpMin = -87.0f, kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
 constexpr float kExpPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
                                4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
 
 // exp on 16 floats: Cephes' expf (range reduction by ln 2 in two parts, degree-6 polynomial), ~1 ulp.
 // Inputs below -87 give exp(-87) (callers zero the masked lanes themselves).
 OPTQ_BF16 inline __m512 exp_ps(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+  x = _mm512_max_ps(x, _mm512_set1_ps(kExpMin));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
+  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
+  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), x);
   __m512 z = _mm512_mul_ps(x, x);
   __m512 y = _mm512_set1_ps(kExpPoly[0]);
   for (int i = 1; i < 6; ++i) y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(kExpPoly[i]));
@@ -207,11 +209,11 @@ void for_each_item(int64_t B, int64_t H, int64_t Hkv, int64_t L, const Attend& a
 
 // exp on 8 floats, as exp_ps (Cephes' expf); 2^n is built in the exponent bits (n >= -126 after the clamp).
 OPTQ_AVX2 inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+  x = _mm256_max_ps(x, _mm256_set1_ps(kExpMin));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), x);
   __m256 z = _mm256_mul_ps(x, x);
   __m256 y = _mm256_set1_ps(kExpPoly[0]);
   for (int i = 1; i < 6; ++i) y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(kExpPoly[i]));
