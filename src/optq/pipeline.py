@@ -333,7 +333,6 @@ class HiddenStates:
         self._file = None
         self._buffer: torch.Tensor | None = None
         if spill is not None:
-            import math
             import os
 
             self._item = torch.empty((), dtype=dtype).element_size()
