@@ -252,3 +252,102 @@ def test_hessian_is_float32_accurate_for_bf16_and_float32_inputs(dtype, columns)
     assert rel < 2e-6, rel
     assert torch.equal(h, h.T)
     assert torch.equal(acc.take_hessian(), h)
+
+
+def brute_force_scales(w, h_damped, codes, g_idx, n_groups, target_matrix=None):
+    """Per row, the scales minimising (w - M s)^T H (w - M s) (M[j, g] = code_j where column j is in group g),
+    or with target_matrix T the scales minimising s^T M^T H M s - 2 s^T M^T T^T w, solved directly in float64
+    by lstsq on the Cholesky-weighted system (target_matrix None) or the normal equations."""
+    rows, cols = w.shape
+    h = h_damped.double()
+    out = torch.zeros(n_groups, rows, dtype=torch.float64)
+    for r in range(rows):
+        m = torch.zeros(cols, n_groups, dtype=torch.float64)
+        m[torch.arange(cols), g_idx.long()] = codes[r].double()
+        used = m.abs().sum(0) > 0
+        m = m[:, used]
+        t = h if target_matrix is None else target_matrix.double()
+        s = torch.linalg.solve(m.T @ h @ m, m.T @ t @ w[r].double())
+        out[used, r] = s
+    return out
+
+
+def output_error(w, what, h):
+    e = (w - what).double()
+    return float(torch.einsum("ri,ij,rj->", e, h.double(), e))
+
+
+@pytest.mark.parametrize(
+    "group_size,desc_act,static_groups,sym",
+    [(-1, False, False, True), (8, False, False, True), (12, False, False, False), (12, True, False, True),
+     (8, True, True, False), (12, True, True, True), (-1, True, False, False)],
+)
+def test_refit_scales_are_the_least_squares_scales(group_size, desc_act, static_groups, sym):
+    cols, rows = 40, 10
+    x = correlated_inputs(512, cols, 7)
+    x[:, 5] = 0  # a dead input column
+    x[:, 0] *= 30  # an outlier channel, as massive activations make
+    h = hessian_of(x)
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(8))
+    spec = GridSpec(bits=3, sym=sym)
+    kw = dict(group_size=group_size, desc_act=desc_act, static_groups=static_groups, block_size=16)
+    plain = gptq_solve(w, h, spec, **kw).weight
+    res = gptq_solve(w, h, spec, refit=True, **kw)
+    fitted = res.weight
+    # The integers, zero points and groups are GPTQ's; only the scales move.
+    assert torch.equal(fitted.qweight, plain.qweight)
+    assert torch.equal(fitted.zeros, plain.zeros)
+    assert torch.equal(fitted.g_idx, plain.g_idx)
+    assert not torch.equal(fitted.scales, plain.scales)
+    # Against scales solved directly per row (the solver's damped H, dead column set to 1 as GPTQ does).
+    hd = h.clone().double()
+    dead = torch.diag(hd) == 0
+    hd[dead, dead] = 1
+    hd += 0.01 * torch.mean(torch.diag(hd)) * torch.eye(cols, dtype=hd.dtype)
+    w_live = w.clone()
+    w_live[:, dead] = 0
+    codes = fitted.qweight.double() - fitted.zeros.double().T[:, fitted.g_idx.long()]
+    best = brute_force_scales(w_live, hd, codes, fitted.g_idx, fitted.scales.shape[0])
+    # float16 storage: within half a float16 step of the exact optimum, relative
+    assert torch.allclose(fitted.scales.double(), best, rtol=2 ** -10, atol=0)
+    err_plain = output_error(w_live, plain.dequantize(), hd)
+    err_fit = output_error(w_live, fitted.dequantize(), hd)
+    assert err_fit < err_plain
+    assert res.refit_error[0] == pytest.approx(err_plain, rel=1e-4)
+    assert res.refit_error[1] == pytest.approx(err_fit, rel=1e-4)
+
+
+def test_refit_lowers_held_out_output_error():
+    cols, rows = 96, 48
+    x_train = correlated_inputs(4096, cols, 1)
+    x_test = correlated_inputs(2048, cols, 2)
+    for x in (x_train, x_test):
+        x[:, :3] *= 20
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(3))
+    for bits, group_size, desc_act in ((4, 32, True), (3, 32, False), (4, -1, False)):
+        spec = GridSpec(bits=bits)
+        errs = []
+        for refit in (False, True):
+            deq = gptq_solve(w, hessian_of(x_train), spec, group_size=group_size, desc_act=desc_act,
+                             refit=refit).weight.dequantize()
+            errs.append(float(((x_test @ (w - deq).T) ** 2).mean()))
+        assert errs[1] < errs[0], (bits, group_size, desc_act, errs)
+
+
+def test_refit_with_gptaq_aims_at_the_float_outputs():
+    # GPTAQ's objective: the quantized layer on drifted inputs X against the float layer on X_ref. With
+    # alpha = 1 the refit's scales are the least-squares scales of ||X_ref w - X what||^2 + damp ||w - what||^2.
+    cols, rows = 32, 6
+    x_ref = correlated_inputs(1024, cols, 5)
+    x = x_ref + 0.2 * correlated_inputs(1024, cols, 6, structure_seed=1)
+    acc = HessianAccumulator(cols, asymmetric=True)
+    acc.add(x, x_ref=x_ref)
+    h, d = acc.hessian(), acc.cross_term()
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(9))
+    res = gptq_solve(w, h, GridSpec(bits=4), group_size=8, cross_term=d, gptaq_alpha=1.0, refit=True).weight
+    hd = h.double() + 0.01 * torch.mean(torch.diag(h.double())) * torch.eye(cols, dtype=torch.float64)
+    codes = res.qweight.double() - res.zeros.double().T[:, res.g_idx.long()]
+    # X^T X_ref on the Hessian's scale is H + D^T; GPTQ's damping adds its ridge to both sides
+    cross = hd + d.T.double()
+    best = brute_force_scales(w, hd, codes, res.g_idx, res.scales.shape[0], target_matrix=cross)
+    assert torch.allclose(res.scales.double(), best, rtol=2 ** -10, atol=0)

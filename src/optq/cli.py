@@ -33,6 +33,9 @@ def _add_quantize(sub) -> None:
     p.add_argument("--gptaq", action="store_true",
                    help="GPTAQ asymmetric calibration: aim each layer at the float model's outputs (GPTQModel's v2)")
     p.add_argument("--gptaq-alpha", type=float, default=0.25, help="weight of GPTAQ's cross term (default 0.25)")
+    p.add_argument("--refit-scales", action=argparse.BooleanOptionalAction, default=True,
+                   help="after GPTQ picks the integers, fit each group's scale to them by least squares on the "
+                        "layer's output error (default on; --no-refit-scales keeps the reference GPTQ's scales)")
     p.add_argument("--lm-head", action="store_true",
                    help="also quantize the output projection (lm_head), untied from the input embeddings: "
                         "smaller and faster, at some quality cost")
@@ -198,7 +201,7 @@ def cmd_quantize(a) -> int:
         # (BENCHMARKS.md), where the usual symmetric grid lost to it
         signed_scale=a.signed_scale or (gguf_out is not None and not a.asym),
         checkpoint_format=fmt,
-        gptaq=a.gptaq, gptaq_alpha=a.gptaq_alpha, lm_head=a.lm_head,
+        gptaq=a.gptaq, gptaq_alpha=a.gptaq_alpha, refit_scales=a.refit_scales, lm_head=a.lm_head,
         method="rtn" if a.rtn else "gptq",
     )
 

@@ -32,6 +32,9 @@ class QuantizeConfig:
     # GPTAQ asymmetric calibration (GPTQModel calls it "v2"): aim each layer at the float model's outputs.
     gptaq: bool = False
     gptaq_alpha: float = 0.25
+    # After GPTQ picks the integers, fit each row's group scales to them by least squares on the layer's
+    # output error (core.gptq.refit_scales). The checkpoint format is unchanged; off = the reference's scales.
+    refit_scales: bool = True
     checkpoint_format: str = "gptq"
     lm_head: bool = False
     method: str = "gptq"  # "rtn": round-to-nearest, same checkpoint format
@@ -111,6 +114,8 @@ class QuantizeConfig:
             d["meta"]["gptaq_alpha"] = self.gptaq_alpha
         if self.signed_scale:
             d["meta"]["signed_scale"] = True
+        if self.refit_scales and self.method == "gptq":
+            d["meta"]["refit_scales"] = True
         return d
 
     @classmethod

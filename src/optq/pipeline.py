@@ -832,15 +832,21 @@ def _untie(model: nn.Module, head: nn.Module) -> None:
 
 def _solve_one(
     w, h, mcfg: QuantizeConfig, cross_term: torch.Tensor | None = None,
-) -> tuple[QuantizedWeight, float, float]:
+) -> tuple[QuantizedWeight, float, float, str]:
+    """(weight, loss, damp, log note); the note gives the scale refit's change of the output error."""
     spec = mcfg.grid()
     if mcfg.method == "rtn":
-        return rtn_quantize(w.take() if isinstance(w, Owned) else w, spec, mcfg.group_size), 0.0, 0.0
+        return rtn_quantize(w.take() if isinstance(w, Owned) else w, spec, mcfg.group_size), 0.0, 0.0, ""
     res = gptq_solve(
         w, h, spec, group_size=mcfg.group_size, desc_act=mcfg.desc_act, static_groups=mcfg.static_groups,
         damp_percent=mcfg.damp_percent, cross_term=cross_term if mcfg.gptaq else None, gptaq_alpha=mcfg.gptaq_alpha,
+        refit=mcfg.refit_scales,
     )
-    return res.weight, res.loss, res.damp_percent
+    note = ""
+    if res.refit_error is not None and res.refit_error[0] > 0:
+        before, after = res.refit_error
+        note = f"scale refit {100 * (after - before) / before:+.2f}%"
+    return res.weight, res.loss, res.damp_percent, note
 
 
 def _solve_module(
@@ -852,7 +858,7 @@ def _solve_module(
     definite) is an error, or with `allow_rtn_fallback` is rounded to nearest and says so in its note.
     An `Owned` w is given up to the solver (one weight copy fewer); `reload` then gives it again for RTN."""
     if mcfg.method == "rtn" or acc is None:
-        return (*_solve_one(w, None, mcfg), "")
+        return _solve_one(w, None, mcfg)
     if acc.tokens == 0:
         reason = "no calibration tokens reached it"
     else:
@@ -863,7 +869,7 @@ def _solve_module(
             raise OptqError(f"{where}: its inputs on the calibration data hold NaN or Inf; check the model's "
                             "weights, or calibrate in float32 (--compute-dtype float32) if float16 overflows")
         try:
-            return (*_solve_one(w, h, mcfg, cross), "")
+            return _solve_one(w, h, mcfg, cross)
         except NotPositiveDefiniteError as e:
             reason = str(e)
     if not allow_rtn_fallback:

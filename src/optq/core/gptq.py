@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .grid import GridSpec, QuantizedWeight, find_params, group_bounds, quantize
+from .grid import GridSpec, QuantizedWeight, fp16_round, find_params, group_bounds, quantize
 from .hardware import bf16_math_for_exact_inputs
 
 log = logging.getLogger("optq")
@@ -157,6 +157,8 @@ class SolveResult:
     weight: QuantizedWeight
     loss: float  # sum over rows and columns of (w - q)^2 / [H^-1]_cc / 2, as the reference reports it
     damp_percent: float  # the damping that made H positive definite
+    # with refit: the layer's summed output error (w - what)^T H (w - what) before and after the refit
+    refit_error: tuple[float, float] | None = None
 
 
 def all_finite(t: torch.Tensor, rows: int = 512) -> bool:
@@ -165,32 +167,34 @@ def all_finite(t: torch.Tensor, rows: int = 512) -> bool:
     return all(bool(torch.isfinite(t[i:i + rows]).all()) for i in range(0, t.shape[0], rows))
 
 
-def _inverse_cholesky(owned: list[torch.Tensor], damp_percent: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, raising damp until it exists.
+def _inverse_cholesky(h: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1 (so the inverse is U^T U), raising damp until
+    it exists. H is left as it was.
 
-    `owned` holds H, which this function takes and overwrites (the caller keeps no reference), so no more
-    than two d x d matrices are alive at once."""
-    h = owned.pop()
-    diag = torch.diag(h).clone()
+    The three factorisations run in place in one d x d buffer: LAPACK works on column-major storage in place,
+    and the transposed view of a row-major buffer is column-major, so torch's out= forms write into it without
+    the column-major copy a row-major argument costs (measured: the d x d peak is one buffer, not two). The
+    factor is returned as that column-major view."""
+    diag = torch.diag(h)
     mean_diag = torch.mean(diag).item()
+    buf = torch.empty_like(h)
+    f = buf.T
+    info = torch.empty((), dtype=torch.int32, device=h.device)
     damp = damp_percent
     while True:
-        h.diagonal().copy_(diag + damp * mean_diag)
-        lower, info = torch.linalg.cholesky_ex(h)
+        buf.copy_(h)
+        buf.diagonal().add_(damp * mean_diag)
+        torch.linalg.cholesky_ex(f, out=(f, info))
         if info.item() == 0:
-            del h
-            hinv = torch.cholesky_inverse(lower)
-            del lower
-            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
-            del hinv
-            if info.item() == 0 and all_finite(upper):
+            torch.cholesky_inverse(f, out=f)
+            torch.linalg.cholesky_ex(f, upper=True, out=(f, info))
+            if info.item() == 0 and all_finite(buf):
                 if damp != damp_percent:
                     log.warning("Hessian not positive definite at damp %.4g; used damp %.4g", damp_percent, damp)
-                return upper, damp
+                return f, damp
             raise NotPositiveDefiniteError(
                 f"the inverse Hessian is not positive definite at damp_percent={damp:g}; check the calibration "
                 "data and the layer for NaN/Inf")
-        del lower
         next_damp = damp * 2 if damp > 0 else 0.01
         if next_damp > MAX_DAMP_PERCENT:
             raise NotPositiveDefiniteError(
@@ -198,6 +202,88 @@ def _inverse_cholesky(owned: list[torch.Tensor], damp_percent: float) -> tuple[t
                 "check the calibration data and the layer for NaN/Inf"
             )
         damp = next_damp
+
+
+# Rows of the weight handled at once by the scale refit (bounds its [rows, d] temporaries).
+REFIT_ROWS = 512
+
+
+def refit_scales(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    q: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    cross_term: torch.Tensor | None = None,
+    alpha: float = 0.0,
+) -> tuple[torch.Tensor, float, float]:
+    """Least-squares scales for fixed integer codes: for each row, the scales s minimising
+    (w - what)^T H (w - what) with what_j = s_g(j) * (q_j - z_g(j)), i.e. the layer's output error on the
+    calibration inputs, cross-group terms of H included (GPTQ moved each group's error onto the groups after it).
+
+    w [out, d]: the weight before quantization (any float dtype); h [d, d]: the damped Hessian; q [out, d]: the
+    integer codes; scales, zeros [G, out]. Columns are in an order where group k holds columns
+    k*group_size .. (k+1)*group_size - 1. With GPTAQ's cross term D the target is the float model's output:
+    the linear term uses w (H + alpha D) instead of w H.
+
+    The normal equations are G x G per row. A row keeps its old scales unless the new ones, rounded to float16
+    as the checkpoint stores them, are finite and lower its error. A scale may change sign (the format's scales
+    are signed): with static groups, error feedback can leave a group's codes pointing against its weights.
+    Returns the scales and the summed error before and after (exact for GPTQ; for GPTAQ, w^T (H + alpha D) w
+    stands in for the float output's own term, the same in both)."""
+    rows, cols = w.shape
+    n_groups = scales.shape[0]
+    size = cols if group_size == -1 else group_size
+    new_scales = scales.clone()
+    before = after = 0.0
+    for r0 in range(0, rows, REFIT_ROWS):
+        r1 = min(r0 + REFIT_ROWS, rows)
+        n = r1 - r0
+        wc = w[r0:r1].to(torch.float32)
+        c = q[r0:r1].to(torch.float32) - zeros[:, r0:r1].T.repeat_interleave(size, dim=1)[:, :cols]
+        target = wc @ h
+        if cross_term is not None:
+            target.addmm_(wc, cross_term, alpha=alpha)
+        a = torch.zeros(n, n_groups, n_groups, dtype=torch.float64, device=w.device)
+        for g in range(n_groups):
+            lo, hi = g * size, min((g + 1) * size, cols)
+            # row r: c_g^T H[g, k] c_k for the groups k >= g (A is symmetric)
+            prod = (c[:, lo:hi] @ h[lo:hi, lo:]).mul_(c[:, lo:])
+            a[:, g, g:] = _group_sums(prod, size)
+            a[:, g + 1:, g] = a[:, g, g + 1:]
+            del prod
+        b = _group_sums(c * target, size).double()
+        base = (wc * target).sum(1, dtype=torch.float64)
+        del wc, c, target
+        old = scales[:, r0:r1].T.double()
+        empty = a.diagonal(dim1=1, dim2=2) == 0  # every code of the group at the zero point: scale is free
+        a_solve = a.clone()
+        a_solve.diagonal(dim1=1, dim2=2)[empty] = 1.0
+        lower, info = torch.linalg.cholesky_ex(a_solve)
+        del a_solve
+        solved = torch.cholesky_solve(torch.where(empty, old, b).unsqueeze(-1), lower).squeeze(-1)
+        new = fp16_round(torch.where(torch.isfinite(solved), solved, old).float()).double()
+
+        def objective(s: torch.Tensor) -> torch.Tensor:  # error minus w^T H w
+            return (s.unsqueeze(1) @ a @ s.unsqueeze(-1)).view(-1) - 2 * (b * s).sum(1)
+
+        f_old, f_new = objective(old), objective(new)
+        better = (info == 0) & (f_new < f_old)
+        before += float((base + f_old).sum())
+        after += float((base + torch.where(better, f_new, f_old)).sum())
+        new_scales[:, r0:r1] = torch.where(better[:, None], new, old).T.float()
+    return new_scales, before, after
+
+
+def _group_sums(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Sums of x [n, m] over consecutive column groups of `size` (the last one may be shorter)."""
+    n, m = x.shape
+    full = m // size
+    parts = [x[:, : full * size].reshape(n, full, size).sum(-1)] if full else []
+    if m % size:
+        parts.append(x[:, full * size:].sum(-1, keepdim=True))
+    return torch.cat(parts, dim=1)
 
 
 def gptq_solve(
@@ -211,6 +297,7 @@ def gptq_solve(
     block_size: int = BLOCK_SIZE,
     cross_term: torch.Tensor | None = None,
     gptaq_alpha: float = 0.25,
+    refit: bool = False,
 ) -> SolveResult:
     """Quantize w [out, in] given the Hessian h [in, in] of its inputs (an `Owned` w or h is taken and
     overwritten instead of copied).
@@ -220,12 +307,23 @@ def gptq_solve(
     it aims the quantized layer at the float model's output W X_ref instead of W X, which also undoes error
     carried in from earlier layers. Every column update gains a term w_i P[i, i:] with
     P = alpha * triu(D U^T, 1) U (U the upper Cholesky factor of H^-1); alpha damps the cross term, which is
-    estimated from the same few samples as H."""
+    estimated from the same few samples as H.
+
+    With `refit`, the scales are then fitted to the chosen integer codes by least squares on the layer's
+    output error (`refit_scales`): the codes, zeros and g_idx stay GPTQ's, the error can only go down. The
+    solver holds two d x d matrices at most either way (H and the factor's buffer)."""
     if damp_percent < 0:
         raise ValueError("damp_percent must be >= 0")
     if group_size != -1 and group_size <= 0:
         raise ValueError("group_size must be -1 or positive")
-    w = w.take().to(torch.float32) if isinstance(w, Owned) else w.detach().to(torch.float32).clone()
+    owned_w = isinstance(w, Owned)
+    source = w.take() if owned_w else w.detach()
+    w = source.to(torch.float32)
+    if w.data_ptr() == source.data_ptr() and (refit or not owned_w):
+        w = w.clone()  # the solver updates w in place; the refit needs the weight as given
+    # The refit's reference weight: the tensor as given (a bf16 source stays bf16, exact and half the memory).
+    w_before = source if refit else None
+    del source
     h = h.take() if isinstance(h, Owned) else h.detach().clone()
     h = h.to(torch.float32)
     rows, cols = w.shape
@@ -254,16 +352,17 @@ def gptq_solve(
         if cross_term is not None:
             cross_term = cross_term[perm][:, perm]
 
-    owned = [h]
-    del h
-    hinv, damp_used = _inverse_cholesky(owned, damp_percent)
+    hinv, damp_used = _inverse_cholesky(h, damp_percent)
+    if not refit:
+        del h
     # GPTAQ's correction; strictly upper triangular, so a column's own update is unchanged.
     p = None
     if cross_term is not None:
         p = gptaq_alpha * torch.triu(cross_term @ hinv.T, diagonal=1) @ hinv
-        del cross_term
+        if not refit:
+            del cross_term
 
-    q_all = torch.zeros_like(w)
+    q_all = torch.zeros(rows, cols, dtype=torch.uint8 if maxq < 256 else torch.int32, device=w.device)
     losses = torch.zeros(rows, dtype=torch.float64, device=w.device)
     n_groups = 1 if group_size == -1 else math.ceil(cols / group_size)
     scales = torch.zeros(n_groups, rows, dtype=torch.float32, device=w.device)
@@ -326,6 +425,25 @@ def gptq_solve(
                 # second order).
                 w[:, i2:].addmm_(pre1t.T, p[i1:i2, i2:])
 
+    # the last block's views keep the factor's buffer alive: let it go before the refit's temporaries
+    del hinv, p, w, hinv1, p1, w1t, q1t, err1t, pre1t
+    refit_error = None
+    if refit:
+        if bool(dead.any()):
+            w_before = w_before.clone()
+            w_before[:, dead] = 0
+        if perm is not None and static_groups:  # static groups are contiguous in the original column order
+            inv = torch.argsort(perm)
+            q_fit, h = q_all[:, inv], h[inv][:, inv]
+            cross_term = cross_term[inv][:, inv] if cross_term is not None else None
+        else:  # other orders keep each group's columns contiguous in processing order
+            q_fit = q_all
+            w_before = w_before[:, perm] if perm is not None else w_before
+        h.diagonal().add_(damp_used * torch.mean(torch.diag(h)).item())  # the damped H the solve used
+        scales, before, after = refit_scales(w_before, h, q_fit, scales, zeros, group_size, cross_term,
+                                             gptaq_alpha)
+        refit_error = (before, after)
+        del w_before, h, q_fit, cross_term
     if perm is not None:
         inv = torch.argsort(perm)
         q_all = q_all[:, inv]
@@ -341,4 +459,4 @@ def gptq_solve(
         group_size=group_size,
         perm=perm,
     )
-    return SolveResult(weight=qw, loss=float(losses.sum()), damp_percent=damp_used)
+    return SolveResult(weight=qw, loss=float(losses.sum()), damp_percent=damp_used, refit_error=refit_error)

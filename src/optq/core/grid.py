@@ -64,7 +64,7 @@ def _params_from_range(xmin: torch.Tensor, xmax: torch.Tensor, spec: GridSpec):
         half = (maxq + 1) // 2
         extreme = torch.where(xmin.abs() > xmax, xmin, xmax)
         extreme = torch.where(extreme == 0, -torch.ones_like(extreme), extreme)
-        return _fp16_round(extreme / -half), torch.full_like(extreme, half)
+        return fp16_round(extreme / -half), torch.full_like(extreme, half)
     if spec.sym:
         xmax = torch.maximum(xmin.abs(), xmax)
         xmin = -xmax
@@ -81,11 +81,11 @@ def _params_from_range(xmin: torch.Tensor, xmax: torch.Tensor, spec: GridSpec):
             low = zero < spec.min_zero
             scale = torch.where(low, xmax / (maxq - spec.min_zero), scale)
             zero = torch.where(low, torch.full_like(zero, spec.min_zero), zero)
-    scale = _fp16_round(scale)
+    scale = fp16_round(scale)
     return scale, zero
 
 
-def _fp16_round(scale: torch.Tensor) -> torch.Tensor:
+def fp16_round(scale: torch.Tensor) -> torch.Tensor:
     # float16 keeps ~3 decimal digits; a scale that underflows to 0 would divide by zero, so floor its magnitude.
     tiny = torch.finfo(torch.float16).tiny
     magnitude = scale.abs().clamp(min=tiny, max=torch.finfo(torch.float16).max)
