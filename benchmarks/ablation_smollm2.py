@@ -33,8 +33,9 @@ VARIANTS = {
     "gptq-bf16": ({}, torch.bfloat16),
     "act": (dict(desc_act=True), None),
     "act-static": (dict(desc_act=True, static_groups=True), None),
-    "act-refit": (dict(desc_act=True, refit_scales=True), None),
+    # optq's default scale refit; the other variants keep the reference GPTQ's scales
     "refit": (dict(refit_scales=True), None),
+    "act-refit": (dict(desc_act=True, refit_scales=True), None),
     "act-static-refit": (dict(desc_act=True, static_groups=True, refit_scales=True), None),
     "damp0.001": (dict(damp_percent=0.001), None),
     "damp0.1": (dict(damp_percent=0.1), None),
@@ -69,6 +70,7 @@ def main() -> None:
     print(json.dumps(rows[-1]), flush=True)
     for name in a.variants.split(","):
         overrides, compute_dtype = VARIANTS[name]
+        overrides = {"refit_scales": False, **overrides}
         model = copy.deepcopy(src.model)
         t0 = time.perf_counter()
         quantize_model(model, windows, QuantizeConfig(bits=a.bits, group_size=a.group_size, **overrides),
