@@ -33,9 +33,9 @@ def _add_quantize(sub) -> None:
     p.add_argument("--gptaq", action="store_true",
                    help="GPTAQ asymmetric calibration: aim each layer at the float model's outputs (GPTQModel's v2)")
     p.add_argument("--gptaq-alpha", type=float, default=0.25, help="weight of GPTAQ's cross term (default 0.25)")
-    p.add_argument("--refit-scales", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--refit-scales", action="store_true",
                    help="after GPTQ picks the integers, fit each group's scale to them by least squares on the "
-                        "layer's output error (default on; --no-refit-scales keeps the reference GPTQ's scales)")
+                        "layer's output error (off by default; see BENCHMARKS.md for what it measured)")
     p.add_argument("--lm-head", action="store_true",
                    help="also quantize the output projection (lm_head), untied from the input embeddings: "
                         "smaller and faster, at some quality cost")
