@@ -427,13 +427,13 @@ def gptq_solve(
 
     # the last block's views keep the factor's buffer alive: let it go before the refit's temporaries
     del hinv, p, w, hinv1, p1, w1t, q1t, err1t, pre1t
+    inv = torch.argsort(perm) if perm is not None else None
     refit_error = None
     if refit:
         if bool(dead.any()):
             w_before = w_before.clone()
             w_before[:, dead] = 0
         if perm is not None and static_groups:  # static groups are contiguous in the original column order
-            inv = torch.argsort(perm)
             q_fit, h = q_all[:, inv], h[inv][:, inv]
             cross_term = cross_term[inv][:, inv] if cross_term is not None else None
         else:  # other orders keep each group's columns contiguous in processing order
@@ -445,7 +445,6 @@ def gptq_solve(
         refit_error = (before, after)
         del w_before, h, q_fit, cross_term
     if perm is not None:
-        inv = torch.argsort(perm)
         q_all = q_all[:, inv]
         g_idx = group_of_pos[inv]
     else:
