@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info  # noqa: E402
-from kernels import median_us  # noqa: E402
+from kernel_speed import median_us  # noqa: E402
 
 
 def median_ms(fn, calls: int) -> float:

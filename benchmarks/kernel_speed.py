@@ -7,7 +7,10 @@ single-query attention of runtime/attention.py against PyTorch's sdpa (32 heads 
 On a CPU without native bf16 the dense bf16 rows are left out (PyTorch's bf16 GEMM runs ~400x slower than
 float32 there), the streamed rows and the attention use float32 activations (what `--dtype auto` picks), and a
 kernel that cannot take a dtype (optq's 4-bit kernel wants AVX-512 BF16 for bf16) has no row for it.
-Usage: python benchmarks/kernels.py
+Usage: python benchmarks/kernel_speed.py
+
+(Not named kernels.py: the benchmarks folder is first on sys.path of every script here, and Transformers 5
+imports the hub's `kernels` package when one is importable, so a kernels.py here broke every model load.)
 """
 
 from __future__ import annotations
