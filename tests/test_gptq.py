@@ -240,7 +240,11 @@ def test_gptaq_lazy_blocks_match_unblocked(group_size):
 def test_hessian_is_float32_accurate_for_bf16_and_float32_inputs(dtype, columns):
     """bf16 inputs take the bf16-multiply / float32-accumulate path (exact products); float32 inputs must not
     (their bf16 rounding would cost ~1e-3). Both must match a float64 sum to float32 accuracy, everywhere: only
-    the upper block triangle is summed, the rest is mirrored, so the result must also be exactly symmetric."""
+    the upper block triangle is summed, the rest is mirrored, so the result must also be exactly symmetric.
+    On a CPU with native bf16 the bf16 case goes through optq's native X^T X kernel, as in the pipeline."""
+    from optq.runtime import native
+
+    native.load()
     g = torch.Generator().manual_seed(3)
     x = (torch.randn(4096, columns, generator=g) * torch.linspace(0.1, 30, columns)).to(dtype)
     acc = HessianAccumulator(columns)

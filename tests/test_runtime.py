@@ -245,6 +245,58 @@ def _attention_float64(q, k, v, scale):
     return (s.softmax(-1) @ v).transpose(1, 2)
 
 
+@pytest.mark.parametrize("tokens,columns", [(2048, 576), (4096, 100), (7, 48), (1, 1), (301, 172), (600, 1000)])
+def test_native_gram_matches_float64(tokens, columns):
+    """optq's bf16 X^T X kernel against a float64 product: every entry on and above the diagonal is the old
+    value plus the exact sum to float32 accuracy (odd token counts, widths off its 48-column tiles, several
+    128-pair passes); nothing outside the matrix is touched, and the thread count does not change a bit."""
+    _require_native()
+    if not native.bf16_supported():
+        pytest.skip("no AVX-512 BF16 here")
+    g = torch.Generator().manual_seed(tokens + columns)
+    x = (torch.randn(tokens, columns, generator=g) * torch.linspace(0.1, 30, columns)).bfloat16()
+    start = torch.randn(columns, columns, generator=g)
+    buffer = torch.full((columns + 2, columns), float("nan"))  # rows around the matrix must stay NaN
+    out = buffer[1:-1]
+    out.copy_(start)
+    got = torch.ops.optq_native.gram_bf16_(out, x)
+    assert got.data_ptr() == out.data_ptr()
+    ref = start.double() + x.double().T @ x.double()
+    upper = torch.triu(torch.ones(columns, columns, dtype=torch.bool))
+    err = (out.double() - ref)[upper].abs().max().item()
+    assert err <= 2e-6 * ref.abs().max().item(), err  # the Hessian accuracy test's bound
+    assert buffer[0].isnan().all() and buffer[-1].isnan().all()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.optq_native.gram_bf16_(start.clone(), x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, torch.ops.optq_native.gram_bf16_(start.clone(), x))
+
+
+def test_hessian_of_bf16_inputs_takes_the_native_kernel():
+    """With the library loaded on a bf16 CPU, HessianAccumulator sums bf16 windows with gram_bf16_ (the same
+    bits as calling it directly), and float32 windows do not go through it."""
+    _require_native()
+    if not native.bf16_supported():
+        pytest.skip("no AVX-512 BF16 here")
+    g = torch.Generator().manual_seed(5)
+    windows = [torch.randn(1, 300, 200, generator=g).bfloat16() for _ in range(3)]
+    acc = HessianAccumulator(200)
+    direct = torch.zeros(200, 200)
+    for w in windows:
+        acc.add(w)
+        torch.ops.optq_native.gram_bf16_(direct, w[0])
+    upper = torch.triu(torch.ones(200, 200, dtype=torch.bool))
+    assert torch.equal(acc.xtx[upper], direct[upper])
+    as_float = HessianAccumulator(200)
+    for w in windows:
+        as_float.add(w.float())
+    assert not torch.equal(as_float.xtx[upper], direct[upper])  # another summation order: not the kernel's bits
+    torch.testing.assert_close(as_float.hessian(), acc.hessian(), rtol=2e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("batch,heads,kv_heads,length,dim,spread", [
     (1, 9, 3, 300, 64, 2.0), (2, 4, 2, 100, 128, 2.0), (1, 2, 1, 1, 64, 1.0), (1, 4, 4, 65, 96, 1.0),
     (1, 8, 2, 130, 256, 1.0), (2, 4, 2, 70, 16, 1.0), (1, 2, 2, 200, 80, 1.0), (1, 4, 1, 129, 32, 8.0)])

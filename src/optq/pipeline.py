@@ -23,6 +23,7 @@ from .errors import OptqError
 from .formats.gptq import module_packable, pack_module
 from .models.registry import arch_spec, get_submodule
 from .resume import RunState, fault_point
+from .runtime import native
 from .runtime.attention import native_causal_attention
 from .sysmem import MAPPED_TEMPORARIES, map_large_allocations, return_freed_memory
 
@@ -52,12 +53,12 @@ class ModuleLog:
                 self.samples, f"{self.seconds:.3f}", self.note]
 
 
-RTN_FALLBACK = "rtn fallback"
+RTN_FALLBACK = "rtn fallback"  # ModuleLog.note prefix of a module rounded to nearest instead of solved
 # Skip work whose result nothing reads: replay finished attention/MLP blocks in later passes instead of
 # recomputing them (_BlockReplay), skip the modules only a replaying block reads (_DeadModuleSkip) and the
 # outputs of a group's modules that share one input (_GroupCollector). The result is bit-identical either way
 # (tests/test_streaming.py and tests/test_architectures.py switch it off to check).
-BLOCK_REPLAY = True  # ModuleLog.note prefix of a module rounded to nearest instead of solved
+BLOCK_REPLAY = True
 
 
 @dataclass
@@ -926,6 +927,8 @@ def quantize_model(
     needs_data = config.method == "gptq"
     if needs_data and not windows:
         raise OptqError("GPTQ needs calibration data: give --dataset, or use --rtn")
+    if needs_data and device.type == "cpu":
+        native.load()  # before the first window: its X^T X kernel sums every bf16 Hessian (core.gptq._native_gram)
     model_dtype = next(model.parameters()).dtype
     compute_dtype = compute_dtype or model_dtype
     packed: dict[str, dict[str, torch.Tensor]] = {}

@@ -2,7 +2,7 @@
 
 PyTorch's int4 CPU matmul converts every code to float32 and spends two FMAs on it; q4_gemm turns 32 codes
 into bfloat16 with two integer instructions and one VDPBF16PS, about 3x faster per weight (K=2048, N=8192,
-one row: 0.08 ms against 0.22 ms, benchmarks/kernels.py), so decode becomes bound by memory bandwidth.
+one row: 0.08 ms against 0.22 ms, benchmarks/kernel_speed.py), so decode becomes bound by memory bandwidth.
 With float32 activations PyTorch's kernel is far slower still (11.6 ms for that shape, 4x a dense float32
 matmul), and q4_gemm's float32 path (one FMA per weight) replaces it.
 It needs AVX2 and FMA (float32 activations; AVX-512 F/BW/VL kernels where the CPU has them, AVX-512 BF16 for
@@ -33,7 +33,7 @@ import torch
 
 log = logging.getLogger("optq")
 
-SOURCES = [Path(__file__).with_name("native") / name for name in ("q4_gemm.cpp", "attention.cpp")]
+SOURCES = [Path(__file__).with_name("native") / name for name in ("q4_gemm.cpp", "attention.cpp", "gram.cpp")]
 FLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-mavx2", "-mfma", "-w"]
 
 _state: dict[str, object] = {}
