@@ -11,6 +11,8 @@ PyTorch's int4 kernel with float32 activations is slower still: 1.1 ms for one S
 the dense float32 matmul's 0.17 ms, and 1.9 s for 2048 rows against 23 ms; q4_gemm's AVX2 path replaces it.
 Where the CPU or the compiler is missing the loader says why, once, and QuantLinear keeps PyTorch's kernels.
 OPTQ_NATIVE=0 turns it off.
+The same library holds the calibration kernels: causal attention (native/attention.cpp) and, on CPUs with
+AVX-512 BF16, the X^T X of bf16 activations behind every Hessian (native/gram.cpp, 2.1-2.3x torch's path).
 
 The library is built against the installed torch with `g++ -O3 -mavx2 -mfma` (the AVX-512 functions carry
 their own target attributes and run only where the CPU has them), into
