@@ -132,6 +132,7 @@ def _quantize(model, out, config, dataset, nsamples, seqlen, seed, shard_bytes, 
         if stream:
             raise OptqError(f"{model} cannot be streamed ({why}): drop --stream to load it whole")
         src = load_source_model(model, "float32", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    config = _loadable_config(src.model, config)
     windows = None
     if config.method == "gptq":
         windows = calibration_windows(src.tokenizer, dataset, nsamples, seqlen, seed)
@@ -181,6 +182,17 @@ def _quantize(model, out, config, dataset, nsamples, seqlen, seed, shard_bytes, 
     if state is not None:
         state.finish()
     return result
+
+
+def _loadable_config(model, config: QuantizeConfig) -> QuantizeConfig:
+    """The config with a group size every loader takes for this model's widths (QuantizeConfig.fit_group_size)."""
+    from .pipeline import planned_modules
+
+    widths = [in_f for in_f, _, mcfg in planned_modules(model, config).values() if mcfg.group_size == config.group_size]
+    fitted, note = config.fit_group_size(widths)
+    if note:
+        log.warning("%s", note)
+    return fitted
 
 
 def _open_streamed(model, trust_remote_code: bool) -> tuple[SourceModel | None, str]:

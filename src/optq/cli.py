@@ -21,6 +21,9 @@ def _add_quantize(sub) -> None:
     p.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default 4)")
     p.add_argument("--group-size", type=int, default=None,
                    help="columns per group; -1 = per channel (default 128; 32 with --format gguf)")
+    p.add_argument("--partial-groups", action="store_true",
+                   help="keep the group size where it does not divide a module's width (a shorter last group, which "
+                        "vLLM refuses) instead of the largest of 128/64/32 that divides every width")
     p.add_argument("--desc-act", action="store_true", help="act-order: quantize columns by decreasing Hessian diagonal")
     p.add_argument("--static-groups", action="store_true", help="fix group parameters before the solve (with --desc-act)")
     p.add_argument("--asym", action="store_true", help="asymmetric grid (a zero point per group)")
@@ -202,7 +205,7 @@ def cmd_quantize(a) -> int:
         signed_scale=a.signed_scale or (gguf_out is not None and not a.asym),
         checkpoint_format=fmt,
         gptaq=a.gptaq, gptaq_alpha=a.gptaq_alpha, refit_scales=a.refit_scales, lm_head=a.lm_head,
-        method="rtn" if a.rtn else "gptq",
+        method="rtn" if a.rtn else "gptq", partial_groups=a.partial_groups,
     )
 
     def show(entry):

@@ -14,6 +14,9 @@ from .core.grid import MSE_NORM, SUPPORTED_BITS, GridSpec
 from .errors import OptqError
 
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
+# Group sizes every GPTQ loader and kernel takes (vLLM's Marlin: -1, 32, 64, 128); a width they do not divide
+# leaves a shorter last group, which vLLM refuses (it allocates in_features // group_size groups).
+LOADABLE_GROUP_SIZES = (128, 64, 32)
 METHODS = ("gptq", "rtn")
 
 
@@ -39,6 +42,9 @@ class QuantizeConfig:
     checkpoint_format: str = "gptq"
     lm_head: bool = False
     method: str = "gptq"  # "rtn": round-to-nearest, same checkpoint format
+    # Keep the asked group size where it does not divide a module's width (a shorter last group, which
+    # vLLM cannot load) instead of the largest loadable size that divides every width (fit_group_size).
+    partial_groups: bool = False
     # GPTQModel's per-module overrides: {"+:regex": {"bits": 8, ...}, "-:regex": {}} ("-:" = left in float).
     dynamic: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -93,13 +99,37 @@ class QuantizeConfig:
                 return dataclasses.replace(self, dynamic={}, **{"signed_scale": signed, **override})
         return self
 
+    @property
+    def reorders_groups(self) -> bool:
+        """Whether g_idx is other than column // group_size: act-order whose groups follow the processing
+        order. Static groups (and per-channel) keep the natural layout whatever order GPTQ visits the columns
+        in, so such a checkpoint says desc_act false, which is what loaders (vLLM, Marlin) read it by."""
+        return self.desc_act and not self.static_groups and self.group_size != -1
+
+    def fit_group_size(self, in_features: list[int]) -> tuple[QuantizeConfig, str | None]:
+        """This config with a group size that divides every quantized width, so that every loader takes the
+        checkpoint (see LOADABLE_GROUP_SIZES), and a note of the change (None when there is none)."""
+        g = self.group_size
+        widths = sorted(set(in_features))
+        odd = [w for w in widths if g != -1 and w % g]
+        if not odd or self.partial_groups:
+            return self, None
+        fits = [s for s in LOADABLE_GROUP_SIZES if s < g and all(w % s == 0 for w in widths)]
+        if not fits:
+            return self, (f"group size {g} leaves a shorter last group in widths {odd} and no loadable size "
+                          f"({', '.join(map(str, LOADABLE_GROUP_SIZES))}) divides them all: vLLM cannot load "
+                          "this checkpoint (use --group-size -1 for one it can)")
+        return dataclasses.replace(self, group_size=fits[0]), (
+            f"group size {fits[0]} instead of {g}: {g} does not divide the width of some modules ({odd}), and "
+            f"vLLM refuses a shorter last group (--partial-groups keeps {g})")
+
     def to_hf(self, meta: dict[str, Any] | None = None) -> dict[str, Any]:
         """The `quantization_config` object of config.json (and the body of quantize_config.json)."""
         d = {
             "quant_method": "gptq",
             "bits": self.bits,
             "group_size": self.group_size,
-            "desc_act": self.desc_act,
+            "desc_act": self.reorders_groups,
             "sym": self.sym,
             "static_groups": self.static_groups,
             "true_sequential": self.true_sequential,
@@ -111,6 +141,8 @@ class QuantizeConfig:
             "mse": MSE_NORM if self.mse else 0.0,
         }
         d["meta"] = dict(meta or {})
+        if self.desc_act and not self.reorders_groups:  # how the columns were visited, not how to read them
+            d["meta"]["act_order"] = True
         if self.gptaq:  # how the weights were found, not how to read them: kept out of the standard fields
             d["meta"]["gptaq_alpha"] = self.gptaq_alpha
         if self.signed_scale:
@@ -146,7 +178,8 @@ class QuantizeConfig:
         return {
             "bits": d.get("bits"),
             "group_size": d.get("group_size", 128),
-            "desc_act": bool(d.get("desc_act", False)),
+            # a static-groups act-order checkpoint says desc_act false (see reorders_groups) and meta.act_order
+            "desc_act": bool(d.get("desc_act", False)) or bool((d.get("meta") or {}).get("act_order", False)),
             "sym": bool(d.get("sym", True)),
             "static_groups": bool(d.get("static_groups", False)),
             "true_sequential": bool(d.get("true_sequential", True)),

