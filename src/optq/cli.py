@@ -95,11 +95,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command")
     _add_quantize(sub)
-    p = sub.add_parser("eval", help="perplexity on a dataset (GPTQ paper protocol)")
+    p = sub.add_parser("eval", help="perplexity on a dataset (GPTQ paper protocol), or with --reference the "
+                                    "quality report: KL divergence, top-1 agreement and answers on several domains")
     _add_common_model(p)
-    p.add_argument("--dataset", required=True, help=".txt/.raw/.jsonl file, folder, 'pydoc', 'wikitext2' or 'c4'")
-    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("more", nargs="*", help="with --reference: more models to report side by side")
+    p.add_argument("--dataset", default=None,
+                   help=".txt/.raw/.jsonl file, folder, 'pydoc', 'wikitext2' or 'c4' (with --reference: the text of "
+                        "the 'wiki' domain, WikiText-2 test)")
+    p.add_argument("--seqlen", type=int, default=None, help="tokens per window (2048; 512 with --reference)")
     p.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")
+    p.add_argument("--reference", default=None,
+                   help="the model to compare against (float folder, .gguf, 'smollm2', or a checkpoint): prints the "
+                        "quality report")
+    p.add_argument("--domains", default=None,
+                   help="with --reference: comma-separated, of wiki,code,docs,chat,multilingual (default: all; "
+                        "wiki only when --dataset is given)")
+    p.add_argument("--windows", type=int, default=8, help="with --reference: windows per text domain (default 8)")
+    p.add_argument("--chat-prompts", type=int, default=100, help="with --reference: chat prompts (default 100)")
+    p.add_argument("--answer-tokens", type=int, default=48, help="with --reference: tokens per chat answer")
+    p.add_argument("--cache-reference", default=None,
+                   help="with --reference: keep the reference's results in this folder for the next run")
+    p.add_argument("--reference-precision", default="uint16", choices=["uint16", "float32"],
+                   help="how the reference's log-probs are stored (uint16: llama.cpp's codes; float32: exact)")
+    p.add_argument("--plot", default=None, help="with --reference: draw mean KL per domain into this PNG")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p = sub.add_parser("generate", help="generate text greedily")
     _add_common_model(p)
@@ -230,10 +248,40 @@ def cmd_quantize(a) -> int:
     return 0
 
 
+def cmd_report(a) -> int:
+    from .quality import DEFAULT_DOMAINS, plot_reports, quality_reports
+
+    if a.domains:
+        domains = [d.strip() for d in a.domains.split(",") if d.strip()]
+    else:
+        domains = [d for d in DEFAULT_DOMAINS if d != "wiki" or a.dataset]
+    reports = quality_reports([a.model, *a.more], a.reference, domains, windows=a.windows, seqlen=a.seqlen or 512,
+                              wiki=a.dataset, cache_dir=a.cache_reference, chat_prompts=a.chat_prompts,
+                              answer_tokens=a.answer_tokens, precision=a.reference_precision, dtype=a.dtype,
+                              backend=a.backend, progress=not a.json)
+    if a.plot:
+        plot_reports(reports, a.plot)
+    if a.json:
+        print(json.dumps({"reports": [r.to_dict() for r in reports]}))
+        return 0
+    for r in reports:
+        print(f"\n{r.model} against {a.reference}:")
+        print(r.table())
+    print("\nsources: " + "; ".join(f"{d.domain}: {d.source}" for d in reports[0].results if d.source))
+    return 0
+
+
 def cmd_eval(a) -> int:
     from .api import load_any
     from .evaluate import perplexity
 
+    if a.reference is not None:
+        return cmd_report(a)
+    if a.more:
+        raise OptqError("several models are compared with --reference MODEL; without it eval takes one model")
+    if a.dataset is None:
+        raise OptqError("eval needs --dataset (perplexity) or --reference MODEL (the quality report)")
+    a.seqlen = a.seqlen or 2048
     t0 = time.perf_counter()
     model, tok = load_any(a.model, a.dtype, a.allow_pickle, a.trust_remote_code, a.backend)
     load_s = time.perf_counter() - t0
