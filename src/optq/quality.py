@@ -103,10 +103,10 @@ def token_stats(ref_logp: torch.Tensor, logq: torch.Tensor, ref_true: torch.Tens
                 targets: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per token: KL(ref || q) over the entries ref_logp keeps (finite), top-1 agreement, p_q - p_ref of the
     true token, and both true-token log-probs. Sums in float64."""
-    keep = torch.isfinite(ref_logp)
-    p = torch.where(keep, ref_logp.double().exp(), 0.0)
-    diff = torch.where(keep, ref_logp.double() - logq.double(), 0.0)
-    kl = (p * diff).sum(1)
+    # float32 terms (each exact to ~1e-7 relative) summed in float64: the sum is where precision is lost
+    terms = ref_logp.exp().mul_(ref_logp - logq)  # -inf entries give 0 * -inf = nan: dropped next
+    terms.masked_fill_(~torch.isfinite(ref_logp), 0.0)
+    kl = terms.sum(1, dtype=torch.float64)
     q_true = logq.gather(1, targets[:, None])[:, 0].double()
     return {"kl": kl, "top1": (logq.argmax(1) == ref_argmax).double(),
             "dp": q_true.exp() - ref_true.exp(), "logq_true": q_true, "logp_true": ref_true}
@@ -345,6 +345,29 @@ class QualityReport:
                     line += f", key word {100 * r.answers_key:.0f}%"
             lines.append(line)
         return "\n".join(lines)
+
+
+def summary_table(reports: list[QualityReport], names: list[str] | None = None) -> str:
+    """One row per model: mean KL per domain, top-1 agreement over all scored tokens, and the chat answers."""
+    names = names or [Path(r.model).name or r.model for r in reports]
+    domains = [r.domain for r in reports[0].results if r.tokens]
+    width = max(12, *(len(n) for n in names))
+    head = f"{'model':{width}s} " + " ".join(f"{'KL ' + d:>15s}" for d in domains) + f" {'top-1':>6s}"
+    has_chat = any(r.answers_identical is not None for r in reports[0].results)
+    if has_chat:
+        head += f" {'same answer':>11s} {'key word':>8s}"
+    lines = [head]
+    for name, rep in zip(names, reports):
+        by = {r.domain: r for r in rep.results}
+        tokens = sum(by[d].tokens for d in domains)
+        top1 = sum(by[d].top1 * by[d].tokens for d in domains) / max(tokens, 1)
+        line = f"{name:{width}s} " + " ".join(f"{by[d].kl_mean:15.4f}" for d in domains) + f" {100 * top1:5.1f}%"
+        chat = by.get("chat")
+        if has_chat and chat is not None and chat.answers_identical is not None:
+            key = f"{100 * chat.answers_key:7.0f}%" if chat.answers_key is not None else f"{'-':>8s}"
+            line += f" {100 * chat.answers_identical:10.0f}% {key}"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def _answer_scores(tokenizer, ref: Reference, dom: Domain, answers: list[list[int]]) -> tuple[float, float | None, float | None]:
