@@ -69,3 +69,18 @@ def test_resume_refuses_a_different_run(tinystories_model, tinystories_text, tmp
     optq.quantize(tinystories_model, out, cfg, dataset=str(tinystories_text), nsamples=8, seqlen=128,
                   progress=False, overwrite=True)
     assert (out / "config.json").exists() and not partial_dir(out).exists()
+
+
+def test_resume_of_a_finished_run(tinystories_model, tinystories_text, tmp_path):
+    """--resume on a finished output: exit 0, 'already complete', nothing rewritten; another run's output or a
+    changed setting is refused with the fix."""
+    out = tmp_path / "q"
+    assert _quantize(tinystories_model, out, tinystories_text).returncode == 0
+    before = {f.name: f.stat().st_mtime_ns for f in out.iterdir()}
+    again = _quantize(tinystories_model, out, tinystories_text, "--resume")
+    assert again.returncode == 0 and "already complete" in again.stdout, again.stderr[-2000:]
+    assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == before
+    other = _quantize(tinystories_model, out, tinystories_text, "--resume", "--seed", "1")
+    assert other.returncode != 0 and "finished checkpoint of another run" in other.stderr
+    plain = _quantize(tinystories_model, out, tinystories_text)
+    assert plain.returncode != 0 and "already exists" in plain.stderr

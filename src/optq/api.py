@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -21,7 +23,7 @@ from .formats.gptq import (LOG_FILE, AtomicFolder, checkpoint_tensors, is_quanti
 from .models.loading import TOKENIZER_FILES, SourceModel, load_source_model, load_tokenizer, parse_dtype
 from .distributed import HESSIAN_SHARDS, Cluster
 from .pipeline import ModuleLog, QuantizedModel, quantize_model
-from .resume import RunState, fault_point, windows_digest
+from .resume import RunState, fault_point, partial_dir, windows_digest
 from .sysmem import return_freed_memory
 
 log = logging.getLogger("optq")
@@ -125,8 +127,9 @@ def _quantize(model, out, config, dataset, nsamples, seqlen, seed, shard_bytes, 
     writer = cluster is None or cluster.rank == 0  # of several processes, rank 0 writes the checkpoint
     if cluster is not None and resume:
         raise OptqError("--resume works in one process only: run the interrupted quantization without torchrun")
-    # fails now, not after the work, if `out` is unusable
-    folder = AtomicFolder(out, overwrite=overwrite) if writer else None
+    # fails now, not after the work, if `out` is unusable; a finished one is checked once the run is known
+    finished = resume and writer and is_quantized_checkpoint(Path(out)) and not partial_dir(out).exists()
+    folder = AtomicFolder(out, overwrite=overwrite) if writer and not finished else None
     src, why = _open_streamed(model, trust_remote_code) if stream is not False else (None, "")
     if src is None:
         if stream:
@@ -145,12 +148,16 @@ def _quantize(model, out, config, dataset, nsamples, seqlen, seed, shard_bytes, 
         fingerprint["allow rtn fallback"] = True
     if hessian_shards != HESSIAN_SHARDS:
         fingerprint["hessian shards"] = hessian_shards
+    digest = _run_digest(fingerprint, src.path)
+    if finished:
+        return _already_complete(Path(out), digest, config)
     state = RunState(out, fingerprint, resume=resume, overwrite=overwrite) if cluster is None else None
     fault_point("calibration")
     calibration = None
     if windows is not None:
         calibration = {"dataset": str(dataset), "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
                        "hessian_shards": hessian_shards}
+    run_meta = {"calibration": calibration, "run_digest": digest}
     run = dict(device=device, compute_dtype=cdtype, progress=progress and writer,
                on_module=on_module if writer else None, state=state, allow_rtn_fallback=allow_rtn_fallback,
                max_activation_memory=act_limit, spill_dir=Path(out).resolve().parent, cluster=cluster,
@@ -171,13 +178,13 @@ def _quantize(model, out, config, dataset, nsamples, seqlen, seed, shard_bytes, 
             except BaseException:
                 streamed.abort()
                 raise
-            _write_metadata(tmp, src.model, result, out_dtype, calibration)
+            _write_metadata(tmp, src.model, result, out_dtype, run_meta)
             _copy_tokenizer(src, tmp)
             fault_point("save")
     else:
         result = quantize_model(src.model, windows, config, **run)
         if writer:
-            save_quantized(src.model, result, folder, out_dtype, shard_bytes, calibration,
+            save_quantized(src.model, result, folder, out_dtype, shard_bytes, run_meta,
                            extra_files=lambda tmp: _copy_tokenizer(src, tmp))
     if state is not None:
         state.finish()
@@ -226,18 +233,42 @@ def _open_streamed(model, trust_remote_code: bool) -> tuple[SourceModel | None, 
     return src, ""
 
 
-def _checkpoint_meta(result: QuantizedModel, calibration: dict | None) -> dict:
+def _run_digest(fingerprint: dict, source: Path) -> str:
+    """The run's fingerprint as stored in the checkpoint: the source named by its weight files' names and sizes,
+    not its path, so that the bytes do not depend on where the model lies."""
+    files = [source] if source.is_file() else sorted(f for f in source.iterdir()
+                                                     if f.suffix in (".safetensors", ".gguf", ".bin"))
+    run = {**fingerprint, "model": [[f.name, f.stat().st_size] for f in files]}
+    return hashlib.sha256(json.dumps(run, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _already_complete(out: Path, digest: str, config: QuantizeConfig) -> QuantizedModel:
+    """--resume of a run that finished: nothing to do when `out` was made by the same run, else an error."""
+    from .formats.gptq import read_quantization_config
+
+    _, quant = read_quantization_config(out)
+    if (quant or {}).get("meta", {}).get("run_digest") != digest:
+        raise OptqError(f"{out} is a finished checkpoint of another run (model, config or calibration differ): "
+                        "choose another path, or pass --overwrite to replace it")
+    log.warning("%s is already complete (same model, config and calibration): nothing to do", out)
+    return QuantizedModel({}, config, already_complete=True)
+
+
+def _checkpoint_meta(result: QuantizedModel, run: dict | None) -> dict:
     meta = {"quantizer": [f"optq:{__version__}"], "method": result.config.method}
-    if calibration:
-        meta["calibration"] = calibration
+    run = run or {}
+    if run.get("calibration"):
+        meta["calibration"] = run["calibration"]
+    if run.get("run_digest"):  # what --resume compares to call a finished output complete
+        meta["run_digest"] = run["run_digest"]
     if result.rtn_fallback:
         meta["rtn_fallback"] = result.rtn_fallback
     return meta
 
 
-def _write_metadata(tmp: Path, model, result: QuantizedModel, dtype: torch.dtype, calibration: dict | None) -> None:
-    """config.json, quantize_config.json and quant_log.csv of a checkpoint."""
-    write_config_files(tmp, _model_config_dict(model), result.config.to_hf(_checkpoint_meta(result, calibration)),
+def _write_metadata(tmp: Path, model, result: QuantizedModel, dtype: torch.dtype, run: dict | None) -> None:
+    """config.json, quantize_config.json and quant_log.csv of a checkpoint (`run`: calibration, run_digest)."""
+    write_config_files(tmp, _model_config_dict(model), result.config.to_hf(_checkpoint_meta(result, run)),
                        dtype)
     write_log_csv(tmp / LOG_FILE, result.log)
 
@@ -248,7 +279,7 @@ def save_quantized(
     out: str | os.PathLike | AtomicFolder,
     dtype: str | torch.dtype = "float16",
     max_shard_size: str | int = "4GB",
-    calibration: dict | None = None,
+    run: dict | None = None,
     extra_files=None,
     overwrite: bool = False,
 ) -> Path:
@@ -258,7 +289,7 @@ def save_quantized(
     tensors = checkpoint_tensors(model.state_dict(), result.modules, out_dtype)
     with folder as tmp:
         write_safetensors(tmp, tensors, parse_size(max_shard_size))
-        _write_metadata(tmp, model, result, out_dtype, calibration)
+        _write_metadata(tmp, model, result, out_dtype, run)
         if extra_files is not None:
             extra_files(tmp)
         fault_point("save")

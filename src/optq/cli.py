@@ -242,6 +242,9 @@ def cmd_quantize(a) -> int:
         trust_remote_code=a.trust_remote_code, stream=a.stream, max_activation_memory=a.max_activation_memory,
         progress=not a.quiet, on_module=None if a.quiet else show, hessian_shards=a.hessian_shards,
     )
+    if report.result.already_complete:
+        print(f"{report.path} is already complete: nothing to do")
+        return 0
     count = sum(1 for r in report.result.log if r.bits < 16)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 wrote it
         print(f"wrote {report.path} ({count} quantized modules) in {report.seconds:.1f}s")

@@ -69,6 +69,7 @@ class QuantizedModel:
     config: QuantizeConfig  # with `dynamic` extended by modules left in float
     log: list[ModuleLog] = field(default_factory=list)
     seconds: float = 0.0
+    already_complete: bool = False  # --resume found this run finished: nothing was done
 
     @property
     def rtn_fallback(self) -> dict[str, str]:
