@@ -31,7 +31,7 @@ def test_jsonl_and_folder(tmp_path):
     assert load_documents(str(tmp_path / "d")) == ["alpha", "beta", "gamma", "delta"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"txt": "x"}\n')
-    with pytest.raises(OptqError, match="bad.jsonl:1 has no string field 'text'"):
+    with pytest.raises(OptqError, match="bad.jsonl:1 has neither a string field 'text'"):
         load_documents(str(bad))
     bad.write_text("{not json\n")
     with pytest.raises(OptqError, match="not valid JSON"):

@@ -96,7 +96,7 @@ def test_two_runs_are_byte_identical(tinystories_model, tinystories_text, tmp_pa
 
 @pytest.mark.parametrize(
     "cfg",
-    [dict(bits=4, group_size=64, desc_act=True), dict(bits=3, group_size=128), dict(bits=2, group_size=32),
+    [dict(bits=4, group_size=64, desc_act=True, static_groups=False), dict(bits=3, group_size=128), dict(bits=2, group_size=32),
      dict(bits=8, group_size=-1), dict(bits=4, group_size=128, sym=False),
      dict(bits=4, group_size=32, sym=False, checkpoint_format="gptq_v2"),
      dict(bits=4, group_size=64, desc_act=True, static_groups=True)],

@@ -16,7 +16,7 @@ def optq(*args, check=True):
 
 def test_quantize_eval_generate_inspect(tinystories_model, tinystories_text, tmp_path):
     out = tmp_path / "q"
-    p = optq("quantize", tinystories_model, out, "--bits", 4, "--group-size", 64, "--desc-act", "--damp", 0.02,
+    p = optq("quantize", tinystories_model, out, "--bits", 4, "--group-size", 64, "--desc-act", "--no-static-groups", "--damp", 0.02,
              "--nsamples", 8, "--seqlen", 128, "--dataset", tinystories_text, "--seed", 1, "--max-shard-size", "4GB")
     assert "model.layers.1.mlp.down_proj" in p.stdout + p.stderr  # the per-module log
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .calibration import calibration_windows
+from .calibration import MIX, calibration_windows, mix_windows
 from .config import QuantizeConfig
 from .errors import OptqError
 from .formats.gptq import (LOG_FILE, AtomicFolder, checkpoint_tensors, is_quantized_checkpoint, parse_size,
@@ -24,7 +24,7 @@ from .models.loading import TOKENIZER_FILES, SourceModel, load_source_model, loa
 from .distributed import HESSIAN_SHARDS, Cluster
 from .pipeline import ModuleLog, QuantizedModel, quantize_model
 from .resume import RunState, fault_point, partial_dir, windows_digest
-from .sysmem import return_freed_memory
+from .sysmem import available_memory, return_freed_memory
 
 log = logging.getLogger("optq")
 
@@ -70,7 +70,7 @@ def quantize(
     model: str | os.PathLike,
     out: str | os.PathLike,
     config: QuantizeConfig | None = None,
-    dataset: str = "pydoc",
+    dataset: str = "mix",
     nsamples: int = 128,
     seqlen: int = 2048,
     seed: int = 0,
@@ -136,12 +136,17 @@ def _quantize(model, out, config, dataset, nsamples, seqlen, seed, shard_bytes, 
             raise OptqError(f"{model} cannot be streamed ({why}): drop --stream to load it whole")
         src = load_source_model(model, "float32", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     config = _loadable_config(src.model, config)
-    windows = None
+    windows, mix = None, None
     if config.method == "gptq":
-        windows = calibration_windows(src.tokenizer, dataset, nsamples, seqlen, seed)
+        if dataset == MIX:
+            windows, mix = mix_windows(src.tokenizer, _generation_model(src, trust_remote_code), nsamples, seqlen,
+                                       seed)
+            log.info("calibration mix (windows per part): %s", ", ".join(f"{k} {v}" for k, v in mix.items()))
+        else:
+            windows = calibration_windows(src.tokenizer, dataset, nsamples, seqlen, seed)
         return_freed_memory()  # the tokenizer's working memory for the whole text (~150 MB for WikiText-2)
     cdtype = parse_dtype(compute_dtype) if compute_dtype else None
-    fingerprint = {"optq": __version__, "model": str(src.path), "config": config.to_hf(),
+    fingerprint = {"optq": __version__, "model": str(src.path), "config": config.to_hf(), "rtn guard": config.rtn_guard,
                    "calibration tokens": windows_digest(windows), "compute dtype": str(cdtype), "device": device,
                    "model config": _model_config_dict(src.model)}
     if allow_rtn_fallback:  # only when set, so that runs interrupted before the option existed still resume
@@ -157,6 +162,8 @@ def _quantize(model, out, config, dataset, nsamples, seqlen, seed, shard_bytes, 
     if windows is not None:
         calibration = {"dataset": str(dataset), "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
                        "hessian_shards": hessian_shards}
+        if mix is not None:
+            calibration["parts"] = mix
     run_meta = {"calibration": calibration, "run_digest": digest}
     run = dict(device=device, compute_dtype=cdtype, progress=progress and writer,
                on_module=on_module if writer else None, state=state, allow_rtn_fallback=allow_rtn_fallback,
@@ -200,6 +207,25 @@ def _loadable_config(model, config: QuantizeConfig) -> QuantizeConfig:
     if note:
         log.warning("%s", note)
     return fitted
+
+
+def _generation_model(src: SourceModel, trust_remote_code: bool):
+    """The float model that writes the chat part of the default calibration: the loaded one, or for a streamed
+    source the whole model in bfloat16 when it fits in half the available memory (else None: no chat part)."""
+    from .generation import has_chat_template
+
+    if not has_chat_template(src.tokenizer):
+        return None
+    if not src.is_streamed:
+        return src.model
+    size = sum(f.stat().st_size for f in src.path.glob("*.safetensors"))
+    available = available_memory()
+    if available is not None and size > available // 2:
+        log.warning("calibration: the chat samples are left out of the default set (the float model, %.1f GB, "
+                    "does not fit in half the available memory): pass --dataset with chat JSONL ('messages') of "
+                    "your own to calibrate on chat", size / 1e9)
+        return None
+    return load_source_model(src.path, "bfloat16", trust_remote_code=trust_remote_code).model
 
 
 def _open_streamed(model, trust_remote_code: bool) -> tuple[SourceModel | None, str]:
@@ -263,6 +289,8 @@ def _checkpoint_meta(result: QuantizedModel, run: dict | None) -> dict:
         meta["run_digest"] = run["run_digest"]
     if result.rtn_fallback:
         meta["rtn_fallback"] = result.rtn_fallback
+    if result.config.method == "gptq" and result.config.rtn_guard:
+        meta["rtn_guard"] = result.rtn_guard
     return meta
 
 

@@ -1,9 +1,10 @@
 """Text -> token windows for calibration and evaluation.
 
 Sources: a .txt file (documents separated by blank lines; WikiText `.raw` files are read line by line, as the
-Hugging Face dataset rows are), a .jsonl file (field `text`), a folder of such files, the built-in name
-`pydoc` (the Python documentation prose shipped with every Python), or `wikitext2` / `c4` through the
-`datasets` library when the hub is reachable.
+Hugging Face dataset rows are), a .jsonl file (field `text`, or `messages`: a conversation, put in the model's
+chat template), a folder of such files, the built-in names `mix` (the default: see `mix_windows`) and `pydoc`
+(the Python documentation prose shipped with every Python), or `wikitext2` / `c4` through the `datasets`
+library when the hub is reachable.
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ from pathlib import Path
 import torch
 
 from .errors import OptqError
+from .generation import chat_ids, greedy_answers, has_chat_template, prompt_ids
+from .texts import CALIBRATION_LANGUAGES, django_available, django_catalog, pydoc_documents, stdlib_code
 
 log = logging.getLogger("optq")
 
-BUILTIN_TEXTS = ("pydoc",)
+MIX = "mix"
+BUILTIN_TEXTS = (MIX, "pydoc")
 HUB_DATASETS = ("wikitext2", "c4")
 _TEXT_SUFFIXES = (".txt", ".raw", ".jsonl", ".md")
 
@@ -54,9 +58,7 @@ def _read_text_file(path: Path) -> list[str]:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise OptqError(f"{path}:{n} is not valid JSON ({e.msg}): each line must be an object") from None
-                if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                    raise OptqError(f"{path}:{n} has no string field 'text'")
-                docs.append(rec["text"])
+                docs.append(_jsonl_document(rec, path, n))
         return docs
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".raw":
@@ -64,17 +66,20 @@ def _read_text_file(path: Path) -> list[str]:
     return _split_documents(text)
 
 
-# Every 4th pydoc topic (in name order) is held out of the `pydoc` calibration text: the quality report's
-# `docs` domain scores them, so its prose is never text the checkpoint was calibrated on.
-PYDOC_HELD_OUT_EVERY = 4
+class Conversation(list):
+    """A chat JSONL record's `messages` ([{"role", "content"}, ...]): tokenized in the model's chat template."""
 
 
-def pydoc_documents(held_out: bool = False) -> list[str]:
-    """The pydoc topics used for calibration, or (held_out) the ones kept out of it for evaluation."""
-    from pydoc_data.topics import topics
-
-    names = sorted(topics)
-    return [topics[k].strip() for i, k in enumerate(names) if (i % PYDOC_HELD_OUT_EVERY == 3) == held_out]
+def _jsonl_document(rec, path: Path, n: int) -> str | Conversation:
+    if isinstance(rec, dict) and isinstance(rec.get("text"), str):
+        return rec["text"]
+    messages = rec.get("messages") if isinstance(rec, dict) else None
+    if isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        return Conversation(messages)
+    raise OptqError(f"{path}:{n} has neither a string field 'text' nor 'messages' (a list of objects with string "
+                    "'role' and 'content')")
 
 
 def _hub_documents(name: str, split: str) -> list[str]:
@@ -104,8 +109,9 @@ def _hub_documents(name: str, split: str) -> list[str]:
     return list(ds["text"])
 
 
-def load_documents(source: str, split: str = "train") -> list[str]:
-    """Documents of a text source (see module docs); `split` chooses train/test for hub datasets."""
+def load_documents(source: str, split: str = "train") -> list[str | Conversation]:
+    """Documents of a text source (see module docs); `split` chooses train/test for hub datasets. `mix` is
+    model-dependent (calibration only): its prose part is pydoc's."""
     if source in BUILTIN_TEXTS:
         return pydoc_documents(held_out=split == "test")
     if source in HUB_DATASETS:
@@ -123,11 +129,19 @@ def load_documents(source: str, split: str = "train") -> list[str]:
     )
 
 
-def tokenize_joined(tokenizer, documents: list[str]) -> torch.Tensor:
-    """Token ids [1, N] of the documents joined with blank lines (the GPTQ paper's protocol)."""
-    text = "\n\n".join(documents)
+def tokenize_joined(tokenizer, documents: list[str | Conversation]) -> torch.Tensor:
+    """Token ids [1, N] of the documents joined with blank lines (the GPTQ paper's protocol), followed by the
+    conversations, each in the tokenizer's chat template."""
+    texts = [d for d in documents if not isinstance(d, Conversation)]
+    chats = [d for d in documents if isinstance(d, Conversation)]
     # Special tokens as the tokenizer adds them by default (a BOS for Llama), as the reference code does.
-    return tokenizer(text, return_tensors="pt").input_ids
+    parts = [tokenizer("\n\n".join(texts), return_tensors="pt").input_ids] if texts else []
+    if chats:
+        if not has_chat_template(tokenizer):
+            raise OptqError("the calibration set has chat conversations ('messages') but the model's tokenizer has "
+                            "no chat template: give plain text ('text') instead")
+        parts += [chat_ids(tokenizer, list(c)) for c in chats]
+    return torch.cat(parts, dim=1)
 
 
 def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> list[torch.Tensor]:
@@ -154,5 +168,62 @@ def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> 
     return windows
 
 
-def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed: int = 0) -> list[torch.Tensor]:
+# The default calibration set's parts and their shares of the windows, chosen by the quality report
+# (BENCHMARKS.md, "Default calibration"). A part with less text than its share takes what it has in
+# non-overlapping windows and the rest go to prose and code.
+MIX_SHARES = {"prose": 0.35, "code": 0.25, "chat": 0.25, "multilingual": 0.15}
+CHAT_ANSWER_TOKENS = 128
+
+
+def chat_samples(model, tokenizer, prompts, answer_tokens: int = CHAT_ANSWER_TOKENS) -> torch.Tensor:
+    """Token ids [1, N] of the prompts and the model's own greedy answers, each in the chat template, joined."""
+    answers = greedy_answers(model, tokenizer, [prompt_ids(tokenizer, p) for p in prompts], answer_tokens, batch=32)
+    return torch.cat([torch.cat([prompt_ids(tokenizer, p), torch.tensor([a], dtype=torch.long)], dim=1)
+                      for p, a in zip(prompts, answers)], dim=1)
+
+
+def _mix_counts(nsamples: int, seqlen: int, lengths: dict[str, int]) -> dict[str, int]:
+    shares = {k: MIX_SHARES[k] for k in lengths}
+    total = sum(shares.values())
+    counts = {k: int(nsamples * v / total) for k, v in shares.items()}
+    for k in ("chat", "multilingual"):  # the small parts: no more windows than they fill without overlap
+        if k in counts:
+            counts[k] = min(counts[k], lengths[k] // seqlen)
+    left = nsamples - sum(counts.values())
+    big = [k for k in ("prose", "code") if k in counts]
+    for i in range(left):
+        counts[big[i % len(big)]] += 1
+    return counts
+
+
+def mix_windows(tokenizer, model, nsamples: int, seqlen: int, seed: int = 0) -> tuple[list[torch.Tensor], dict]:
+    """The default calibration set: windows of Python documentation prose (pydoc, less the topics the report
+    holds out), standard-library code (package modules; the report scores the top-level ones), the model's own
+    greedy answers to built-in chat prompts in its chat template (models with one; `model` None skips them),
+    and Italian/Portuguese/Dutch UI text from Django's catalogs (when Django is installed). Returns the windows
+    and how many came from each part."""
+    from .chat_prompts import CALIBRATION_PROMPTS
+
+    streams = {"prose": tokenize_joined(tokenizer, pydoc_documents()),
+               "code": tokenize_joined(tokenizer, [stdlib_code(nsamples * seqlen * 6, held_out=False)[0]])}
+    if model is not None and has_chat_template(tokenizer):
+        streams["chat"] = chat_samples(model, tokenizer, CALIBRATION_PROMPTS)
+    if django_available():
+        streams["multilingual"] = tokenize_joined(tokenizer, ["\n".join(django_catalog(lang))
+                                                              for lang in CALIBRATION_LANGUAGES])
+    counts = _mix_counts(nsamples, seqlen, {k: v.shape[1] for k, v in streams.items()})
+    windows = []
+    for i, (name, ids) in enumerate(streams.items()):
+        if counts[name]:
+            windows += sample_windows(ids, counts[name], seqlen, seed + i)
+    return windows, counts
+
+
+def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed: int = 0,
+                        model=None) -> list[torch.Tensor]:
+    """The calibration windows of `source`; `mix` (the default) needs the float `model` for its chat part."""
+    if source == MIX:
+        windows, counts = mix_windows(tokenizer, model, nsamples, seqlen, seed)
+        log.info("calibration: %s", ", ".join(f"{k} {v}" for k, v in counts.items()))
+        return windows
     return sample_windows(tokenize_joined(tokenizer, load_documents(source, "train")), nsamples, seqlen, seed)

@@ -120,3 +120,58 @@ CHAT_PROMPTS: tuple[tuple[str, str | None], ...] = (
     ("What is democracy?", None),
     ("How do vaccines work?", None),
 )
+
+
+# Calibration prompts (the chat part of the default calibration, answered by the float model itself): a
+# separate list, so that the report's chat domain scores prompts the checkpoint was not calibrated on
+# (tests/test_calibration_mix.py checks that the two share no prompt).
+_EXPLAIN = ("volcanoes", "tides", "rainbows", "earthquakes", "the water cycle", "black holes", "electricity",
+            "magnets", "the immune system", "inflation", "compound interest", "the internet", "encryption",
+            "recycling", "bees and pollination", "the stock market", "solar panels", "clouds", "sleep",
+            "muscles", "batteries", "the printing press", "glaciers", "coral reefs", "thunder", "fermentation",
+            "a binary search", "recursion", "a hash table", "version control")
+_CODE = ("counts the words of a text file", "checks whether a number is prime", "groups words by their first letter",
+         "counts the vowels in a word", "merges two sorted lists", "parses a date written as YYYY-MM-DD",
+         "removes duplicates from a list", "converts Celsius to Fahrenheit", "reads a file and counts its lines",
+         "checks whether two words are anagrams", "returns the n-th Fibonacci number",
+         "sorts a list of dictionaries by a key", "flattens a nested list", "capitalizes every word of a sentence",
+         "computes the average of a list of numbers", "finds the second smallest number in a list")
+_LANGUAGES = ("French", "Spanish", "German", "Italian", "Portuguese")
+_PHRASES = ("Where is the train station?", "I would like a glass of water.", "The weather is nice today.",
+            "My brother works in a hospital.", "We are going to the beach tomorrow.", "This book is very interesting.")
+_WRITE = ("a haiku about a mountain village", "a short story about a lost key in three sentences",
+          "a tweet announcing a bake sale", "a limerick about a cat", "a product description for a water bottle",
+          "a birthday message for a friend", "an apology for arriving late", "a riddle and its answer",
+          "a slogan for a library", "two sentences about a rainy morning", "a short cover letter opening",
+          "a packing list for a weekend camping trip", "a dialogue between a dog and a cat in four lines",
+          "a short review of an imaginary restaurant")
+_ASK = ("Which river flows through Budapest?", "Who discovered penicillin?",
+        "What is the capital of Australia?", "How many bones are in the adult human body?",
+        "Which language has the most native speakers?", "Who composed the Four Seasons concertos?",
+        "What is the hardest natural substance?", "What is the cube root of 64?",
+        "Which element has the chemical symbol O?", "How many minutes are in two hours?",
+        "What is the smallest prime number?", "Which country is famous for the maple leaf flag?",
+        "Which grain is used to make risotto?", "In which year did World War II end?",
+        "What instrument has 88 keys?", "Which currency do people use in Sweden?")
+_ADVICE = ("How can I sleep better?", "How do I start learning to play the guitar?",
+           "What should I pack for a day hike?", "How can I save money on groceries?",
+           "How do I prepare for a job interview?", "What are good habits for studying?",
+           "How do I keep houseplants alive?", "How can I be more productive in the morning?",
+           "How do I write a good resume?", "What is a healthy breakfast?")
+
+
+def _calibration_prompts() -> tuple[str, ...]:
+    out = [f"Explain {t} in a few sentences." for t in _EXPLAIN]
+    out += [f"Write a Python function that {t}." for t in _CODE]
+    out += [f"Translate into {lang}: \"{p}\"" for i, p in enumerate(_PHRASES) for lang in _LANGUAGES[i % 2::2]]
+    out += [f"Write {t}." for t in _WRITE]
+    out += list(_ASK) + list(_ADVICE)
+    out += [f"Calculate {a} {op} {b} and explain briefly." for a, op, b in (
+        (23, "plus", 58), (156, "divided by", 13), (17, "times", 6), (1000, "minus", 387), (9, "squared plus", 19),
+        (45, "percent of", 200))]
+    out += [f"A shop sells pens at {p} cents each. How much do {n} pens cost? Show your steps."
+            for p, n in ((35, 4), (12, 9), (80, 3))]
+    return tuple(out)
+
+
+CALIBRATION_PROMPTS: tuple[str, ...] = _calibration_prompts()

@@ -24,8 +24,11 @@ def _add_quantize(sub) -> None:
     p.add_argument("--partial-groups", action="store_true",
                    help="keep the group size where it does not divide a module's width (a shorter last group, which "
                         "vLLM refuses) instead of the largest of 128/64/32 that divides every width")
-    p.add_argument("--desc-act", action="store_true", help="act-order: quantize columns by decreasing Hessian diagonal")
-    p.add_argument("--static-groups", action="store_true", help="fix group parameters before the solve (with --desc-act)")
+    p.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=True,
+                   help="act-order: quantize columns by decreasing Hessian diagonal (default on)")
+    p.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=True,
+                   help="fix group parameters before the solve, so act-order keeps the natural group layout "
+                        "(default on)")
     p.add_argument("--asym", action="store_true", help="asymmetric grid (a zero point per group)")
     p.add_argument("--damp", type=float, default=0.01, help="damping, fraction of the mean Hessian diagonal (0.01)")
     p.add_argument("--mse", action="store_true", help="search a shrink factor of the range minimizing the error")
@@ -44,13 +47,20 @@ def _add_quantize(sub) -> None:
                         "smaller and faster, at some quality cost")
     p.add_argument("--no-true-sequential", action="store_true", help="collect every module's inputs in one pass")
     p.add_argument("--rtn", action="store_true", help="round-to-nearest instead of GPTQ (no calibration)")
+    p.add_argument("--no-report", action="store_true",
+                   help="skip the short quality report against the float model (and RTN) at the end")
+    p.add_argument("--no-rtn-guard", action="store_true",
+                   help="use every calibration window for the Hessians; by default every 16th is held out and a "
+                        "module whose GPTQ weights do worse than rounding on them keeps the rounded ones")
     p.add_argument("--format", default="gptq", choices=["gptq", "gptq_v2", "gguf"],
                    help="zero-point convention of the checkpoint (v1 'gptq', the default, or 'gptq_v2'); 'gguf' "
                         "quantizes 4-bit (or 8-bit symmetric) group 32 and writes OUT as a .gguf file for llama.cpp")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
-    p.add_argument("--dataset", default="pydoc",
-                   help="calibration text: .txt/.jsonl file, folder, 'pydoc' (built in), 'wikitext2' or 'c4' (hub)")
+    p.add_argument("--dataset", default="mix",
+                   help="calibration text: 'mix' (default: prose, code, the model's own chat answers, other "
+                        "languages), 'pydoc', a .txt/.jsonl file ('text' or chat 'messages'), a folder, "
+                        "'wikitext2' or 'c4' (hub)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-shard-size", default="4GB")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
@@ -223,7 +233,7 @@ def cmd_quantize(a) -> int:
         signed_scale=a.signed_scale or (gguf_out is not None and not a.asym),
         checkpoint_format=fmt,
         gptaq=a.gptaq, gptaq_alpha=a.gptaq_alpha, refit_scales=a.refit_scales, lm_head=a.lm_head,
-        method="rtn" if a.rtn else "gptq", partial_groups=a.partial_groups,
+        method="rtn" if a.rtn else "gptq", partial_groups=a.partial_groups, rtn_guard=not a.no_rtn_guard,
     )
 
     def show(entry):
@@ -246,9 +256,27 @@ def cmd_quantize(a) -> int:
         print(f"{report.path} is already complete: nothing to do")
         return 0
     count = sum(1 for r in report.result.log if r.bits < 16)
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 wrote it
-        print(f"wrote {report.path} ({count} quantized modules) in {report.seconds:.1f}s")
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 wrote it
+        return 0
+    print(f"wrote {report.path} ({count} quantized modules) in {report.seconds:.1f}s")
+    guarded = report.result.rtn_guard
+    if guarded:
+        print(f"{len(guarded)} modules keep round-to-nearest integers (GPTQ's did worse on held-out windows): "
+              "see quant_log.csv")
+    if config.method == "gptq" and not a.no_report:
+        _print_verdict(a, report.result.config)
     return 0
+
+
+def _print_verdict(a, config) -> None:
+    from .verdict import DOMAINS, verdict
+
+    print(f"\nquality against the float model, a few windows of {', '.join(DOMAINS)} "
+          "(mean KL per token, lower is better; `optq eval --reference` for the full report):")
+    v = verdict(a.out, a.model, config, progress=False)
+    print(v.table)
+    if v.warning:
+        log.warning("%s", v.warning)
 
 
 def cmd_report(a) -> int:

@@ -24,9 +24,11 @@ METHODS = ("gptq", "rtn")
 class QuantizeConfig:
     bits: int = 4
     group_size: int = 128
-    desc_act: bool = False
+    # act-order with static groups by default: on SmolLM2 natural order loses to RTN (BENCHMARKS.md, "Quality
+    # by default"); static groups keep g_idx natural, which every loader reads fast.
+    desc_act: bool = True
     sym: bool = True
-    static_groups: bool = False
+    static_groups: bool = True
     true_sequential: bool = True
     damp_percent: float = 0.01
     mse: bool = False
@@ -42,6 +44,9 @@ class QuantizeConfig:
     checkpoint_format: str = "gptq"
     lm_head: bool = False
     method: str = "gptq"  # "rtn": round-to-nearest, same checkpoint format
+    # Hold every 16th calibration window out of the Hessians and keep RTN's integers for a module where GPTQ's
+    # have the larger output error on them (pipeline._guard); the modules are listed in meta.rtn_guard.
+    rtn_guard: bool = True
     # Keep the asked group size where it does not divide a module's width (a shorter last group, which
     # vLLM cannot load) instead of the largest loadable size that divides every width (fit_group_size).
     partial_groups: bool = False
@@ -49,6 +54,8 @@ class QuantizeConfig:
     dynamic: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self):
+        if self.group_size == -1:
+            self.static_groups = False  # one group per row: nothing to fix in advance
         self.validate()
 
     def validate(self) -> None:
@@ -68,8 +75,6 @@ class QuantizeConfig:
             raise OptqError(f"gptaq_alpha={self.gptaq_alpha} is out of range: use a value in [0, 1] (default 0.25)")
         if self.signed_scale and not self.sym:
             raise OptqError("signed_scale is a symmetric grid's scale rule: drop --asym or --signed-scale")
-        if self.static_groups and self.group_size == -1:
-            raise OptqError("static_groups needs a group size: set group_size or drop static_groups")
         if not isinstance(self.dynamic, dict) or not all(isinstance(v, dict) for v in self.dynamic.values()):
             raise OptqError("dynamic must map '+:regex' / '-:regex' keys to objects of overrides")
         for key, override in self.dynamic.items():

@@ -2,7 +2,7 @@
 
 - `wiki`: WikiText-2 test (a file given by the caller), first windows of the joined text, as `optq eval`.
 - `code`: Python source files of the running Python's standard library (every machine has them).
-- `docs`: pydoc prose held out from the `pydoc` calibration set (calibration.PYDOC_HELD_OUT).
+- `docs`: pydoc prose held out from calibration (texts.py says what each domain holds out).
 - `chat`: the model's chat template around the built-in prompts (chat_prompts.py), answered greedily by the
   reference model; only the answer tokens are scored.
 - `multilingual`: French, German and Spanish sentences of Django's translation catalogs (BSD-3-Clause;
@@ -14,21 +14,17 @@ multilingual ones taken from its languages in turn), so they depend only on the 
 
 from __future__ import annotations
 
-import gettext
-import importlib.util
-import sys
-import sysconfig
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from .calibration import load_documents, pydoc_documents, tokenize_joined
+from .calibration import load_documents, tokenize_joined
 from .chat_prompts import CHAT_PROMPTS
 from .errors import OptqError
+from .generation import has_chat_template, prompt_ids
+from .texts import REPORT_LANGUAGES, django_catalog, pydoc_documents, stdlib_code
 
 DOMAINS = ("wiki", "code", "docs", "chat", "multilingual")
-MULTILINGUAL_LANGUAGES = ("fr", "de", "es")
 
 
 @dataclass
@@ -55,50 +51,8 @@ def _text_windows(name: str, source: str, ids: torch.Tensor, seqlen: int, window
     return Domain(name, source, [ids[:, i * seqlen:(i + 1) * seqlen].clone() for i in range(n)], [0] * n)
 
 
-def stdlib_code(max_chars: int) -> tuple[str, str]:
-    """(text, source) of standard-library modules: the top-level .py files in name order, every k-th one so
-    that the sample spans the library, up to `max_chars`."""
-    folder = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in folder.glob("*.py") if p.is_file())
-    if not files:
-        raise OptqError(f"domain 'code': no Python source files in {folder} (a Python without its library "
-                        "sources): drop 'code' from --domains")
-    step = max(1, len(files) // 60)
-    parts, used, total = [], 0, 0
-    for p in files[::step] + files:
-        if total >= max_chars:
-            break
-        if p in parts:
-            continue
-        parts.append(p)
-        total += p.stat().st_size
-    text = "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in parts)
-    used = len(parts)
-    return text, f"Python {sys.version.split()[0]} standard library, {used} modules of {folder}"
-
-
-def django_catalog(lang: str) -> list[str]:
-    """The translated messages of every Django .mo catalog for `lang`, in a fixed order."""
-    spec = importlib.util.find_spec("django")
-    if spec is None or not spec.submodule_search_locations:
-        raise OptqError("domain 'multilingual' needs Django's translation catalogs: pip install django "
-                        "(or drop 'multilingual' from --domains)")
-    root = Path(next(iter(spec.submodule_search_locations)))
-    messages = []
-    for mo in sorted(root.rglob(f"locale/{lang}/LC_MESSAGES/*.mo")):
-        with mo.open("rb") as f:
-            catalog = gettext.GNUTranslations(f)._catalog  # msgid -> msgstr; the stdlib's own .mo reader
-        for key in sorted(catalog, key=str):
-            value = catalog[key]
-            if key != "" and isinstance(value, str) and value.strip():
-                messages.append(value.strip())
-    if not messages:
-        raise OptqError(f"domain 'multilingual': Django at {root} has no '{lang}' catalogs")
-    return messages
-
-
 def multilingual_domain(tokenizer, seqlen: int, windows: int) -> Domain:
-    per_lang = {lang: tokenize_joined(tokenizer, ["\n".join(django_catalog(lang))]) for lang in MULTILINGUAL_LANGUAGES}
+    per_lang = {lang: tokenize_joined(tokenizer, ["\n".join(django_catalog(lang))]) for lang in REPORT_LANGUAGES}
     out, counts = [], {lang: 0 for lang in per_lang}
     while len(out) < windows:
         progressed = False
@@ -119,16 +73,11 @@ def multilingual_domain(tokenizer, seqlen: int, windows: int) -> Domain:
 def chat_domain(tokenizer, prompts: int) -> Domain | None:
     """The chat prompts in the model's chat template, without answers yet (the reference model adds them:
     quality.answer_chat). None where the tokenizer has no chat template."""
-    if not getattr(tokenizer, "chat_template", None):
+    if not has_chat_template(tokenizer):
         return None
     chosen = CHAT_PROMPTS[:prompts]
-    windows, starts = [], []
-    for prompt, _ in chosen:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
-        windows.append(ids)
-        starts.append(ids.shape[1] - 1)
+    windows = [prompt_ids(tokenizer, prompt) for prompt, _ in chosen]
+    starts = [w.shape[1] - 1 for w in windows]
     return Domain("chat", f"{len(chosen)} built-in prompts in the model's chat template, answered greedily by the "
                   "reference model", windows, starts, prompts=[p for p, _ in chosen], keys=[k for _, k in chosen])
 

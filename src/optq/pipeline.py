@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import QuantizeConfig
 from .core.gptq import HessianAccumulator, NotPositiveDefiniteError, Owned, all_finite, gptq_solve
-from .core.grid import QuantizedWeight, rtn_quantize
+from .core.grid import QuantizedWeight, output_error, round_on_grid, rtn_quantize
 from .distributed import HESSIAN_SHARDS, Cluster, ShardedHessians, shard_plan, share_solution
 from .errors import OptqError
 from .formats.gptq import module_packable, pack_module
@@ -54,6 +54,11 @@ class ModuleLog:
 
 
 RTN_FALLBACK = "rtn fallback"  # ModuleLog.note prefix of a module rounded to nearest instead of solved
+RTN_GUARD = "rtn guard"  # ModuleLog.note prefix of a module whose GPTQ integers lost to RTN's on held-out windows
+# The held-out guard keeps every RTN_GUARD_EVERY-th calibration window out of the Hessians (so that the windows
+# it holds out span the calibration set's parts), when there are at least RTN_GUARD_MIN_WINDOWS of them.
+RTN_GUARD_EVERY = 16
+RTN_GUARD_MIN_WINDOWS = 16
 # Skip work whose result nothing reads: replay finished attention/MLP blocks in later passes instead of
 # recomputing them (_BlockReplay), skip the modules only a replaying block reads (_DeadModuleSkip) and the
 # outputs of a group's modules that share one input (_GroupCollector). The result is bit-identical either way
@@ -70,6 +75,11 @@ class QuantizedModel:
     log: list[ModuleLog] = field(default_factory=list)
     seconds: float = 0.0
     already_complete: bool = False  # --resume found this run finished: nothing was done
+
+    @property
+    def rtn_guard(self) -> list[str]:
+        """Modules that keep RTN's integers because GPTQ's had the larger output error on held-out windows."""
+        return [r.module for r in self.log if r.note.startswith(RTN_GUARD)]
 
     @property
     def rtn_fallback(self) -> dict[str, str]:
@@ -883,6 +893,26 @@ def _solve_module(
     return rtn_quantize(w, mcfg.grid(), mcfg.group_size), 0.0, 0.0, f"{RTN_FALLBACK}: {reason}"
 
 
+def split_held_out(windows: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(calibration windows, windows held out of the Hessians for the RTN guard): every RTN_GUARD_EVERY-th."""
+    held = [w for i, w in enumerate(windows) if i % RTN_GUARD_EVERY == RTN_GUARD_EVERY - 1]
+    return [w for i, w in enumerate(windows) if i % RTN_GUARD_EVERY != RTN_GUARD_EVERY - 1], held
+
+
+def _guard(w: torch.Tensor, qw: QuantizedWeight, held: HessianAccumulator | None, note: str) -> tuple[QuantizedWeight, str]:
+    """GPTQ's weight, or RTN's on the same grid where that has the smaller output error on the held-out
+    windows (GPTQ fit the calibration windows' Hessian too closely: the module would be better rounded)."""
+    if held is None or held.tokens == 0:
+        return qw, note
+    h = held.hessian()
+    rtn = round_on_grid(w, qw)
+    gptq_error, rtn_error = output_error(w, qw, h), output_error(w, rtn, h)
+    if rtn_error >= gptq_error:
+        return qw, note
+    guard = f"{RTN_GUARD}: held-out output error GPTQ {gptq_error:.4g} > RTN {rtn_error:.4g}"
+    return rtn, f"{guard}; {note}" if note else guard
+
+
 def quantize_model(
     model: nn.Module,
     windows: list[torch.Tensor] | None,
@@ -928,6 +958,7 @@ def quantize_model(
     needs_data = config.method == "gptq"
     if needs_data and not windows:
         raise OptqError("GPTQ needs calibration data: give --dataset, or use --rtn")
+    guard = needs_data and config.rtn_guard and len(windows) >= RTN_GUARD_MIN_WINDOWS
     if needs_data and device.type == "cpu":
         native.load()  # before the first window: its X^T X kernel sums every bf16 Hessian (core.gptq._native_gram)
     model_dtype = next(model.parameters()).dtype
@@ -963,8 +994,12 @@ def quantize_model(
         first_plan, _ = _module_plan(layers[0], f"{layers_path}.0", spec.groups, config, [], 0, quiet=True)
         replay_widths = sum(linear_shape(get_submodule(layers[0], loc))[0]
                             for _, loc in _replay_candidates(first_plan).values()) if BLOCK_REPLAY else 0
-        shards = shard_plan(len(windows), hessian_shards, *((cluster.rank, cluster.world) if cluster else ()))
-        windows = [windows[i] for i in shards.windows]  # this process's windows, in its order
+        calibration, held_out = split_held_out(windows) if guard else (windows, [])
+        shards = shard_plan(len(calibration), hessian_shards, *((cluster.rank, cluster.world) if cluster else ()))
+        # this process's windows in its order, then the held-out ones, which every process runs: its guard
+        # decisions are then the others' without a message
+        windows = [calibration[i] for i in shards.windows] + held_out
+        held_round = range(len(shards.windows), len(windows))
         tokens = sum(w.shape[-1] for w in windows)
 
         def spill(width: int, item: int) -> bool:
@@ -1020,6 +1055,7 @@ def quantize_model(
             replays: list[_BlockReplay] = []
             for gi, members in enumerate(plan):
                 accs: dict[str, HessianAccumulator] = {}
+                held: dict[str, HessianAccumulator] = {}
                 keep = {}
                 if gi in candidates:
                     block, loc = candidates[gi]
@@ -1034,6 +1070,10 @@ def quantize_model(
                                                device, asymmetric, cluster)
                     try:
                         accs = collector.run(work, inputs, shards.rounds, hessians, float_layer, float_inputs, replays)
+                        if guard:
+                            held = collector.run(work, inputs, [held_round],
+                                                 ShardedHessians(hessians.names, hessians.columns, device, asymmetric),
+                                                 float_layer, float_inputs, replays)
                     finally:
                         collector.remove()
                     return_freed_memory()  # the forward passes' temporaries, before the solves' d x d matrices
@@ -1059,6 +1099,8 @@ def quantize_model(
                                                 mcfg.group_size)
                     qw, loss, damp, note = solved
                     del solved
+                    if loc in held and mcfg.method == "gptq":
+                        qw, note = _guard(source_weight(module, full), qw, held[loc], note)
                     return_freed_memory()  # the solve's d x d temporaries: give them back before the next module
                     deq = qw.dequantize()
                     set_linear_weight(module, deq)
@@ -1076,6 +1118,7 @@ def quantize_model(
                         on_module(entry)
                     fault_point(f"module:{index}")
                 accs.clear()
+                held.clear()
                 if keep:  # the block is final from here on: later passes replay it
                     block, loc = candidates[gi]
                     replays.append(_BlockReplay(f"{prefix}.{block}", get_submodule(work, block),

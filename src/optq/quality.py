@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from .domains import DOMAINS, Domain, build_domains
+from .generation import greedy_answers
 from .errors import OptqError
 
 log = logging.getLogger("optq")
@@ -158,34 +159,6 @@ def _window_logp(model, ids: torch.Tensor, start: int) -> torch.Tensor:
     return torch.log_softmax(logits.float().cpu(), dim=-1)
 
 
-def greedy_answers(model, tokenizer, domain: Domain, max_new_tokens: int, batch: int = 16) -> list[list[int]]:
-    """Greedy answer token ids to each chat window (batched, left-padded; EOS ends an answer)."""
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or tokenizer.eos_token_id
-    stops = set(eos if isinstance(eos, list) else [eos])
-    out = []
-    for b in range(0, len(domain.windows), batch):
-        prompts = domain.windows[b:b + batch]
-        width = max(p.shape[1] for p in prompts)
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, width - p.shape[1]:] = p[0]
-            mask[i, width - p.shape[1]:] = 1
-        with torch.inference_mode():
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                 max_new_tokens=max_new_tokens, pad_token_id=pad)
-        for row in gen[:, width:].tolist():
-            answer = []
-            for t in row:
-                answer.append(t)
-                if t in stops:
-                    break
-            out.append(answer)
-    return out
-
-
 def with_answers(domain: Domain, answers: list[list[int]]) -> Domain:
     """The chat domain whose windows are prompt + the reference's answer (the answer tokens scored)."""
     windows = [torch.cat([w, torch.tensor([a], dtype=torch.long)], dim=1) if a else w
@@ -254,7 +227,7 @@ def build_reference(reference, tokenizer, domains: list[Domain], folder: Path, p
     doms = []
     for d in domains:
         if d.name == "chat" and d.windows:
-            answers = greedy_answers(model, tokenizer, d, answer_tokens)
+            answers = greedy_answers(model, tokenizer, d.windows, answer_tokens)
             d = with_answers(d, answers)
         doms.append(d)
     offsets, total = [], 0
@@ -409,9 +382,8 @@ def compare(model, tokenizer, ref: Reference, name: str, answer_tokens: int, pro
             bar.update()
         res = summarize(d, {k: torch.cat(v) for k, v in parts.items()})
         if d.name == "chat":
-            prompts_only = Domain(d.name, d.source, [w[:, :s + 1] for w, s in zip(d.windows, d.score_from)],
-                                  d.score_from, prompts=d.prompts, keys=d.keys)
-            answers = greedy_answers(model, tokenizer, prompts_only, answer_tokens)
+            prompts = [w[:, :s + 1] for w, s in zip(d.windows, d.score_from)]
+            answers = greedy_answers(model, tokenizer, prompts, answer_tokens)
             res.answers_identical, res.answers_key, res.answers_key_ref = _answer_scores(tokenizer, ref, d, answers)
             decoded = [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
             ref_decoded = [tokenizer.decode(a, skip_special_tokens=True) for a in ref.answers]
@@ -431,7 +403,8 @@ def quality_reports(models: list, reference, domains=DEFAULT_DOMAINS, windows: i
                     wiki: str | None = None, cache_dir: str | os.PathLike | None = None, chat_prompts: int = 100,
                     answer_tokens: int = 48, precision: str = "uint16", dtype="auto", backend: str = "auto",
                     progress: bool = True) -> list[QualityReport]:
-    """Reports of each of `models` (checkpoints, float folders, GGUF files) against `reference`, on the same
+    """Reports of each of `models` (checkpoints, float folders, GGUF files, or (name, model, tokenizer) of a
+    model in memory) against `reference`, on the same
     windows of `domains`. The reference runs once; with `cache_dir` its results are kept there for the next
     call with the same reference, windows and tokenizer (a cache made otherwise is an error)."""
     from .api import load_any
@@ -460,9 +433,10 @@ def quality_reports(models: list, reference, domains=DEFAULT_DOMAINS, windows: i
             log.warning("reference from the cache %s", folder)
         reports = []
         for m in models:
-            model, tok = load_any(m, dtype=dtype, backend=backend)
-            _check_tokenizers(tok, ref_tok, str(m), str(reference))
-            reports.append(compare(model, tok, ref, str(m), answer_tokens, progress))
+            # a path, or (name, model, tokenizer) of a model already in memory
+            name, model, tok = m if isinstance(m, tuple) else (str(m), *load_any(m, dtype=dtype, backend=backend))
+            _check_tokenizers(tok, ref_tok, name, str(reference))
+            reports.append(compare(model, tok, ref, name, answer_tokens, progress))
             del model
         return reports
     finally:

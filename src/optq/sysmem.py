@@ -16,6 +16,18 @@ def return_freed_memory() -> None:
         pass  # not glibc: nothing to do
 
 
+def available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 # Calibration runs whose per-window float32 temporaries reach this size map large allocations (8B-class
 # layers: 512 tokens x 14336 x 4 B = 29 MB); smaller ones (SmolLM2: 2048 x 1536 x 4 B = 12.6 MB) keep glibc's
 # default, whose heap reuses them window after window.

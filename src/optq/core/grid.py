@@ -158,3 +158,17 @@ def rtn_quantize(w: torch.Tensor, spec: GridSpec, group_size: int) -> QuantizedW
         scales[g], zeros[g] = sc, z
     g_idx = torch.arange(in_f, dtype=torch.int32) // (in_f if group_size == -1 else group_size)
     return QuantizedWeight(q.to(torch.int32), scales, zeros, g_idx.to(torch.int32), spec.bits, group_size)
+
+
+def round_on_grid(w: torch.Tensor, qw: QuantizedWeight) -> QuantizedWeight:
+    """Round-to-nearest of `w` on `qw`'s grid (its scales, zeros and groups): what GPTQ's integers are
+    compared with by the held-out guard; the checkpoint tensors other than qweight stay the same."""
+    g = qw.g_idx.long()
+    q = quantize(w.float(), qw.scales[g].T, qw.zeros[g].T, 2 ** qw.bits - 1)
+    return QuantizedWeight(q.to(torch.int32), qw.scales, qw.zeros, qw.g_idx, qw.bits, qw.group_size, qw.perm)
+
+
+def output_error(w: torch.Tensor, qw: QuantizedWeight, h: torch.Tensor) -> float:
+    """tr((Q - W) H (Q - W)^T): the squared output error of the quantized weight on inputs whose X^T X is h."""
+    d = qw.dequantize() - w.float()
+    return float(((d @ h) * d).sum())

@@ -1,0 +1,51 @@
+"""Chat prompts in a model's template and batched greedy answers: what the quality report's chat domain and
+the chat part of the default calibration are made of."""
+
+from __future__ import annotations
+
+import torch
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> torch.Tensor:
+    """Token ids [1, L] of a conversation in the tokenizer's chat template (the template adds any BOS)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+
+
+def prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
+    """A user prompt in the chat template, ending where the assistant's answer starts."""
+    return chat_ids(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
+
+
+def greedy_answers(model, tokenizer, prompts: list[torch.Tensor], max_new_tokens: int,
+                   batch: int = 16) -> list[list[int]]:
+    """Greedy answer token ids to each prompt [1, L] (batched, left-padded; an end-of-turn token ends an
+    answer and is kept)."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or tokenizer.eos_token_id
+    stops = set(eos if isinstance(eos, list) else [eos])
+    out = []
+    for b in range(0, len(prompts), batch):
+        chunk = prompts[b:b + batch]
+        width = max(p.shape[1] for p in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, p in enumerate(chunk):
+            ids[i, width - p.shape[1]:] = p[0]
+            mask[i, width - p.shape[1]:] = 1
+        with torch.inference_mode():
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=pad)
+        for row in gen[:, width:].tolist():
+            answer = []
+            for t in row:
+                answer.append(t)
+                if t in stops:
+                    break
+            out.append(answer)
+    return out
