@@ -188,3 +188,23 @@ def test_guard_in_a_run(tinystories_model, tinystories_text, tmp_path):
         s, z = qw.scales[qw.g_idx.long()].T, qw.zeros[qw.g_idx.long()].T
         expected = torch.clamp(torch.round(w / s) + z, 0, 7)
         assert torch.equal(qw.qweight.float(), expected), m
+
+
+def test_default_runs_are_byte_identical(chat_model, tmp_path):
+    """optq's defaults (the mix with self-generated chat answers, act-order, static groups, the guard) give
+    the same bytes twice."""
+    from optq.formats.gptq import read_quantization_config
+
+    outs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        optq.quantize(chat_model, out, optq.QuantizeConfig(bits=4, group_size=32), nsamples=16, seqlen=128,
+                      progress=False)
+        outs.append(out)
+    files = sorted(p.name for p in outs[0].iterdir() if p.suffix in (".safetensors", ".json"))
+    assert "model.safetensors" in files and "config.json" in files
+    for f in files:  # (quant_log.csv holds each module's seconds)
+        assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
+    _, quant = read_quantization_config(outs[0])
+    assert quant["meta"]["calibration"]["dataset"] == "mix" and quant["meta"]["calibration"]["parts"]["chat"] > 0
+    assert isinstance(quant["meta"]["rtn_guard"], list) and quant["meta"]["act_order"] is True

@@ -20,4 +20,8 @@ def quantize(*args, **kwargs):
     return _quantize(*args, **kwargs)
 
 
+from .hf_integration import register as _register_with_transformers  # noqa: E402
+
+_register_with_transformers()  # Transformers' from_pretrained loads GPTQ checkpoints through optq (hf_integration)
+
 __all__ = ["QuantizeConfig", "OptqError", "load", "quantize", "__version__"]

@@ -146,7 +146,7 @@ class QuantizeConfig:
             "mse": MSE_NORM if self.mse else 0.0,
         }
         d["meta"] = dict(meta or {})
-        if self.desc_act and not self.reorders_groups:  # how the columns were visited, not how to read them
+        if self.desc_act and not self.reorders_groups and self.method == "gptq":  # how GPTQ visited the columns
             d["meta"]["act_order"] = True
         if self.gptaq:  # how the weights were found, not how to read them: kept out of the standard fields
             d["meta"]["gptaq_alpha"] = self.gptaq_alpha

@@ -41,6 +41,25 @@ def _build_skeleton(info: CheckpointInfo, dtype: torch.dtype, trust_remote_code:
     return model
 
 
+def _install_quant_linear(model: nn.Module, name: str, mcfg, has_bias: bool, checkpoint_format: str) -> QuantLinear:
+    """Put a QuantLinear with placeholder (meta) tensors in place of the linear `name`."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise OptqError(f"the checkpoint quantizes {name}, which this model architecture does not have") from None
+    if isinstance(module, nn.Linear):
+        in_f, out_f = module.in_features, module.out_features
+    elif type(module).__name__ == "Conv1D":
+        in_f, out_f = module.weight.shape
+    else:
+        raise OptqError(f"{name} is a {type(module).__name__}, not a linear layer: cannot hold a quantized weight")
+    with torch.device("meta"):  # placeholders only: the checkpoint's tensors replace every buffer
+        ql = QuantLinear(in_f, out_f, mcfg.bits, mcfg.group_size, has_bias, checkpoint_format)
+    parent_name, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, leaf, ql)
+    return ql
+
+
 def _replace_modules(model: nn.Module, info: CheckpointInfo) -> dict[str, QuantLinear]:
     quant = info.quant
     replaced = {}
@@ -48,23 +67,55 @@ def _replace_modules(model: nn.Module, info: CheckpointInfo) -> dict[str, QuantL
         mcfg = quant.for_module(name)
         if mcfg is None:
             raise OptqError(f"module {name} has quantized tensors but the config's dynamic rules leave it in float")
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise OptqError(f"the checkpoint quantizes {name}, which this model architecture does not have") from None
-        if isinstance(module, nn.Linear):
-            in_f, out_f = module.in_features, module.out_features
-        elif type(module).__name__ == "Conv1D":
-            in_f, out_f = module.weight.shape
-        else:
-            raise OptqError(f"{name} is a {type(module).__name__}, not a linear layer: cannot hold a quantized weight")
-        has_bias = f"{name}.bias" in info.tensor_files
-        with torch.device("meta"):  # placeholders only: the checkpoint's tensors replace every buffer
-            ql = QuantLinear(in_f, out_f, mcfg.bits, mcfg.group_size, has_bias, quant.checkpoint_format)
-        parent_name, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, ql)
-        replaced[name] = ql
+        replaced[name] = _install_quant_linear(model, name, mcfg, f"{name}.bias" in info.tensor_files,
+                                               quant.checkpoint_format)
     return replaced
+
+
+def replace_linears(model: nn.Module, quant) -> dict[str, QuantLinear]:
+    """QuantLinear placeholders for every linear a GPTQ checkpoint of this architecture quantizes under `quant`
+    (a QuantizeConfig): the decoder layers' linears the registry names, less those `dynamic` leaves in float,
+    and the output projection when `quant.lm_head`. For loaders that fill the tensors by name (Transformers)."""
+    from ..models.registry import arch_spec
+
+    spec = arch_spec(model.config.model_type)
+    names = [f"{spec.layers}.{i}.{loc}" for i in range(len(model.get_submodule(spec.layers)))
+             for group in spec.groups for loc in group]
+    if quant.lm_head:
+        head = model.get_output_embeddings()
+        names.append(next(n for n, m in model.named_modules() if m is head))
+    replaced = {}
+    for name in names:
+        mcfg = quant.for_module(name)
+        if mcfg is not None:
+            has_bias = getattr(model.get_submodule(name), "bias", None) is not None
+            replaced[name] = _install_quant_linear(model, name, mcfg, has_bias, quant.checkpoint_format)
+    return replaced
+
+
+def finish_loading(model: nn.Module, qmods: dict[str, QuantLinear], dtype: torch.dtype, backend: str = "auto",
+                   release_packed: bool = False) -> None:
+    """After every tensor is in place: check the quantized ones, build the kernels, set up decoding."""
+    for name, ql in qmods.items():
+        for leaf in _QUANT_DTYPES:
+            t = ql._buffers.get(leaf)
+            if t is None or t.device.type == "meta":
+                raise OptqError(f"the checkpoint has no tensor {name}.{leaf}: it is incomplete")
+            _check_quant_tensor(name, leaf, t, ql)
+        if ql.g_idx.numel() and (ql.g_idx.min() < 0 or ql.g_idx.max() >= ql.scales.shape[0]):
+            raise OptqError(f"{name}.g_idx holds group indices outside [0, {ql.scales.shape[0]})")
+        for leaf in ("scales", "bias"):
+            if ql._buffers.get(leaf) is not None:
+                ql._buffers[leaf] = ql._buffers[leaf].to(torch.float16)
+    for name, ql in qmods.items():
+        try:
+            ql.prepare(backend, dtype, release_packed=release_packed)
+        except ValueError as e:
+            raise OptqError(f"{name}: {e}") from None
+    canonical_lm_head_input(model)
+    if device_is_cpu(model):
+        use_decode_attention(model)
+    return_freed_memory()
 
 
 def _check_quant_tensor(name: str, leaf: str, t: torch.Tensor, ql: QuantLinear) -> None:
@@ -139,15 +190,7 @@ def load(
         raise OptqError(f"the checkpoint has no tensor for {meta[0]} ({len(meta)} missing): it is incomplete")
     model.eval()
     model.to(device)
-    for name, ql in qmods.items():
-        try:
-            ql.prepare(backend, torch_dtype, release_packed=True)
-        except ValueError as e:
-            raise OptqError(f"{name}: {e}") from None
-    canonical_lm_head_input(model)
-    if device_is_cpu(model):
-        use_decode_attention(model)
-    return_freed_memory()
+    finish_loading(model, qmods, torch_dtype, backend, release_packed=True)
     return model
 
 
