@@ -65,3 +65,32 @@ def test_hand_back_to_transformers(monkeypatch):
     assert not hf_integration.takes_over()
     monkeypatch.setenv("OPTQ_TRANSFORMERS", "1")
     assert hf_integration.takes_over()
+
+
+def test_quantize_on_load_with_gptqconfig(tinystories_model, tinystories_text, tmp_path):
+    """from_pretrained(float, quantization_config=GPTQConfig(...)) runs optq's GPTQ; save_pretrained writes a
+    checkpoint optq loads to the same logits; the quantized model is closer to float than RTN is."""
+    from transformers import AutoTokenizer, GPTQConfig
+
+    tok = AutoTokenizer.from_pretrained(str(tinystories_model))
+    texts = Path(tinystories_text).read_text().split("<|endoftext|>")
+    model = _from_pretrained(tinystories_model, dtype=torch.float32,
+                             quantization_config=GPTQConfig(bits=3, group_size=32, dataset=texts, tokenizer=tok,
+                                                            model_seqlen=64))
+    assert isinstance(model.model.layers[0].mlp.down_proj, QuantLinear)
+    model.save_pretrained(str(tmp_path / "q"))
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert (cfg["bits"], cfg["group_size"], cfg["meta"]["act_order"]) == (3, 32, True)
+    ids = tok(texts[3][:400], return_tensors="pt").input_ids
+    again = optq.load(tmp_path / "q", dtype="float32")
+    float_model = _from_pretrained(tinystories_model, dtype=torch.float32)
+    rtn = optq.quantize(tinystories_model, tmp_path / "rtn", optq.QuantizeConfig(bits=3, group_size=32, method="rtn"),
+                        progress=False).path
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+        ref = torch.log_softmax(float_model(ids).logits, -1)
+
+        def kl(m):
+            return (ref.exp() * (ref - torch.log_softmax(m(ids).logits, -1))).sum(-1).mean()
+
+        assert kl(model) < kl(optq.load(rtn, dtype="float32"))

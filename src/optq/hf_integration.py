@@ -115,7 +115,7 @@ def _make_quantizer_class():
 
         def _process_model_after_weight_loading(self, model, **kwargs):
             if not self.pre_quantized:
-                return model
+                return _quantize_loaded(model, self.quantization_config)
             from .errors import OptqError
             from .runtime.load import finish_loading
 
@@ -135,3 +135,48 @@ def _make_quantizer_class():
             return True
 
     return OptqGptqHfQuantizer
+
+
+def _quantize_loaded(model, gptq_config):
+    """`from_pretrained(float_model, quantization_config=GPTQConfig(...))`: optq's GPTQ on the loaded model, in
+    memory, then QuantLinear modules with the packed result. GPTQConfig's bits, group_size, sym and dataset
+    are honoured (dataset None: optq's `mix`; a list of texts; 'wikitext2'/'c4' through `datasets`); the column
+    order, damping, guard and calibration size are optq's defaults (GPTQConfig's own defaults, natural order and
+    damp 0.1, are GPTQModel's and measured worse here)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from .api import _loadable_config
+    from .calibration import MIX, calibration_windows, mix_windows, sample_windows, tokenize_joined
+    from .config import QuantizeConfig
+    from .pipeline import quantize_model
+    from .runtime.load import finish_loading, install_packed
+
+    tok = gptq_config.tokenizer or model.name_or_path
+    if isinstance(tok, str):
+        tok = AutoTokenizer.from_pretrained(tok)
+    config = _loadable_config(model, QuantizeConfig(bits=gptq_config.bits, group_size=gptq_config.group_size,
+                                                    sym=gptq_config.sym))
+    limit = getattr(model.config, "max_position_embeddings", None) or 2048
+    seqlen = min(gptq_config.model_seqlen or 2048, limit)
+    nsamples = 128
+    dataset = gptq_config.dataset
+    if dataset is None:
+        windows, _ = mix_windows(tok, model, nsamples, seqlen)
+        dataset = MIX
+    elif isinstance(dataset, list):
+        windows = sample_windows(tokenize_joined(tok, dataset), nsamples, seqlen, seed=0)
+    else:
+        windows = calibration_windows(tok, dataset, nsamples, seqlen)
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    result = quantize_model(model, windows, config, compute_dtype=dtype)
+    qmods = install_packed(model, result.modules, result.config)
+    finish_loading(model, qmods, dtype)
+    calibration = {"dataset": dataset if isinstance(dataset, str) else f"{len(dataset)} texts",
+                   "nsamples": nsamples, "seqlen": seqlen, "seed": 0}
+    from .api import _checkpoint_meta
+
+    model.config.quantization_config = result.config.to_hf(_checkpoint_meta(result, {"calibration": calibration}))
+    model.is_quantized = True
+    del torch
+    return model

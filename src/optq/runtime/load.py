@@ -93,6 +93,22 @@ def replace_linears(model: nn.Module, quant) -> dict[str, QuantLinear]:
     return replaced
 
 
+def install_packed(model: nn.Module, modules: dict[str, dict[str, torch.Tensor]], quant) -> dict[str, QuantLinear]:
+    """Replace each named linear of an in-memory model by a QuantLinear holding its packed checkpoint tensors
+    (`modules`: name -> qweight/qzeros/scales/g_idx, as a quantization run returns them); biases move over."""
+    replaced = {}
+    for name, tensors in modules.items():
+        old = model.get_submodule(name)
+        bias = getattr(old, "bias", None)
+        ql = _install_quant_linear(model, name, quant.for_module(name), bias is not None, quant.checkpoint_format)
+        for leaf, t in tensors.items():
+            ql._buffers[leaf] = t
+        if bias is not None:
+            ql._buffers["bias"] = bias.detach().to(torch.float16)
+        replaced[name] = ql
+    return replaced
+
+
 def finish_loading(model: nn.Module, qmods: dict[str, QuantLinear], dtype: torch.dtype, backend: str = "auto",
                    release_packed: bool = False) -> None:
     """After every tensor is in place: check the quantized ones, build the kernels, set up decoding."""
