@@ -159,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="static KV cache + torch.compile of the decode step (compiled during the warm-up run)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p = sub.add_parser("lm-eval-tasks", help="write offline lm-evaluation-harness tasks (use with --include_path)")
+    p.add_argument("folder")
+    p.add_argument("--wiki", default=None, help="WikiText-2 test (wiki.test.raw) for optq_lastword_wiki")
+    p.add_argument("--stories", default=None, help="TinyStories text for optq_cloze_stories")
     return parser
 
 
@@ -395,9 +399,17 @@ def cmd_bench(a) -> int:
     return 0
 
 
+def cmd_lm_eval_tasks(a) -> int:
+    from .lmeval import write_tasks
+
+    names = write_tasks(a.folder, wiki=a.wiki, stories=a.stories)
+    print(f"wrote {', '.join(names)} into {a.folder}: python -m optq.lmeval --model hf --model_args "
+          f"pretrained=CHECKPOINT --device cpu --include_path {a.folder} --tasks {','.join(names)}")
+    return 0
+
+
 COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "inspect": cmd_inspect,
-            "export-gguf": cmd_export_gguf,
-            "bench": cmd_bench}
+            "export-gguf": cmd_export_gguf, "bench": cmd_bench, "lm-eval-tasks": cmd_lm_eval_tasks}
 
 
 def main(argv: list[str] | None = None) -> int:
