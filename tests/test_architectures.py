@@ -129,7 +129,7 @@ def test_block_replay_is_bit_identical(model_type, monkeypatch):
                                                                                skipped.append(names)))
     results = {}
     for flag in (True, False):
-        monkeypatch.setattr(pipeline, "BLOCK_REPLAY", flag)
+        monkeypatch.setattr(pipeline.replay, "BLOCK_REPLAY", flag)
         model = _random_model(model_type)
         results[flag] = quantize_model(model, _windows(model.config.vocab_size), QuantizeConfig(bits=4, group_size=32),
                                        progress=False).modules
@@ -156,7 +156,7 @@ def test_one_group_of_every_linear_computes_their_outputs(monkeypatch):
     monkeypatch.setattr(pipeline._GroupCollector, "_stub_outputs", lambda self: (stub(self), stubbed.append(1)))
     results = {}
     for flag in (True, False):
-        monkeypatch.setattr(pipeline, "BLOCK_REPLAY", flag)
+        monkeypatch.setattr(pipeline.replay, "BLOCK_REPLAY", flag)
         model = _random_model("llama")
         results[flag] = quantize_model(model, _windows(model.config.vocab_size),
                                        QuantizeConfig(bits=4, group_size=32, true_sequential=False),

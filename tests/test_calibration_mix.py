@@ -151,9 +151,9 @@ def test_guard_in_a_run(tinystories_model, tinystories_text, tmp_path):
     repeated = "the cat sat. " * 4000
     text.write_text(repeated)
     out = tmp_path / "q"
-    import optq.pipeline as pipeline
+    import optq.pipeline.solve as solve
 
-    real_split = pipeline.split_held_out
+    real_split = solve.split_held_out
 
     def split(windows):
         cal, held = real_split(windows)
@@ -164,12 +164,12 @@ def test_guard_in_a_run(tinystories_model, tinystories_text, tmp_path):
         L = held[0].shape[1]
         return cal, [ids[:, i * L:(i + 1) * L] for i in range(len(held))]
 
-    pipeline.split_held_out = split
+    solve.split_held_out = split
     try:
         optq.quantize(tinystories_model, out, optq.QuantizeConfig(bits=3, group_size=32), dataset=str(text),
                       nsamples=32, seqlen=64, progress=False)
     finally:
-        pipeline.split_held_out = real_split
+        solve.split_held_out = real_split
     _, quant = read_quantization_config(out)
     guarded = quant["meta"]["rtn_guard"]
     assert guarded, "a calibration set this narrow must lose to rounding somewhere"

@@ -54,10 +54,10 @@ def test_streamed_equals_whole_model(tinystories_model, tinystories_text, tmp_pa
     # The whole-model run recomputes every block and holds its activations in memory; the streamed one
     # replays finished blocks from kept (and, with a tiny --max-activation-memory, spilled) inputs: equal
     # bytes check both.
-    monkeypatch.setattr(optq.pipeline, "BLOCK_REPLAY", False)
+    monkeypatch.setattr(optq.pipeline.replay, "BLOCK_REPLAY", False)
     whole = {k: v for k, v in kw.items() if k != "max_activation_memory"}
     optq.quantize(tinystories_model, tmp_path / "whole", QuantizeConfig(**cfg), stream=False, **whole)
-    monkeypatch.setattr(optq.pipeline, "BLOCK_REPLAY", True)
+    monkeypatch.setattr(optq.pipeline.replay, "BLOCK_REPLAY", True)
     optq.quantize(tinystories_model, tmp_path / "streamed", QuantizeConfig(**cfg), stream=True, **kw)
     _same_checkpoint(tmp_path / "whole", tmp_path / "streamed")
     if "max_shard_size" in extra:

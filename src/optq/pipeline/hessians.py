@@ -1,0 +1,119 @@
+"""Hessian collection for one sequential group of modules over the calibration windows."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..core.gptq import HessianAccumulator
+from ..distributed import ShardedHessians
+from . import replay
+from .activations import HiddenStates, LayerInputs
+from .linears import linear_shape
+from .records import _StopForward
+from .replay import _BlockReplay, _DeadModuleSkip, _module_inputs
+
+
+class _GroupCollector:
+    """Forward pre-hooks that accumulate Hessians for a group of modules; modules reading the same input
+    tensor share one accumulator. The forward pass stops once every module of the group has been reached.
+
+    When the first window shows every module of the group reading one tensor (q/k/v, gate/up), their outputs
+    go unread in the pass: it stops at the last one's input, and none of them feeds another (their common
+    input existed before any ran). From the next window on they return an uninitialised tensor of their
+    output's shape instead of computing it: q and k of q/k/v, gate of gate/up, ~28% of a Llama layer's linear
+    work over its passes. (A later window whose modules read different tensors is an error, as before.)"""
+
+    def __init__(self, modules: dict[str, nn.Module], device, asymmetric: bool = False,
+                 keep: dict[str, "HiddenStates"] | None = None):
+        self.modules = modules
+        self.device = device
+        self.asymmetric = asymmetric
+        self.keep = keep or {}  # module -> where its input of each window is kept (for a block replay)
+        self.window = 0
+        self.acc: dict[str, HessianAccumulator] = {}
+        self._seen: set[str] = set()
+        self._inputs: list[tuple[torch.Tensor, HessianAccumulator]] = []
+        self._reference: dict[str, torch.Tensor] = {}
+        self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
+        self._stubbed: list[nn.Module] = []
+
+    def _hook(self, name):
+        def hook(module, args):
+            x = args[0]
+            if name in self.keep:
+                self.keep[name][self.window] = x
+            x_ref = self._reference.get(name) if self.asymmetric else None
+            shared = next((a for t, a in self._inputs if t is x), None)
+            if name not in self.acc:
+                if shared is None:
+                    self.acc[name] = HessianAccumulator(x.shape[-1], device=self.device, asymmetric=self.asymmetric)
+                    self.acc[name].add(x, x_ref=x_ref)
+                    self._inputs.append((x, self.acc[name]))
+                else:
+                    self.acc[name] = shared
+            elif shared is not self.acc[name]:
+                if any(a is self.acc[name] for _, a in self._inputs):
+                    raise RuntimeError(f"module {name} shares a Hessian with a module that read other inputs")
+                self.acc[name].add(x, x_ref=x_ref)
+                self._inputs.append((x, self.acc[name]))
+            self._seen.add(name)
+            if len(self._seen) == len(self.modules):
+                raise _StopForward
+
+        return hook
+
+    def run(self, layer: nn.Module, inputs: "LayerInputs", rounds: list[range], hessians: ShardedHessians,
+            reference_layer: nn.Module | None = None, reference_inputs: "LayerInputs | None" = None,
+            replays: list["_BlockReplay"] = ()) -> dict[str, HessianAccumulator]:
+        """Each module's Hessian accumulator over `inputs`, summed shard by shard: after each of `rounds` (the
+        windows of one calibration shard) `hessians` takes the shard's sums. When asymmetric,
+        `reference_layer` (the float layer) run on `reference_inputs` (the float model's hidden states) gives
+        each module's reference inputs."""
+        dead = _DeadModuleSkip(layer, replays)
+        try:
+            with torch.no_grad():
+                for windows in rounds:
+                    for j in windows:
+                        hidden, args, kwargs = inputs[j]
+                        self.window = j
+                        for r in replays:
+                            r.window = j
+                        if self.asymmetric:
+                            self._reference = _module_inputs(reference_layer, list(self.modules),
+                                                             reference_inputs[j])
+                        self._seen.clear()
+                        self._inputs.clear()
+                        stopped = False
+                        try:
+                            with dead.window():
+                                layer(hidden, *args, **kwargs)
+                        except _StopForward:
+                            stopped = True
+                        del hidden
+                        if (replay.BLOCK_REPLAY and stopped and not self._stubbed and len(self.modules) > 1
+                                and len({id(a) for a in self.acc.values()}) == 1):
+                            self._stub_outputs()
+                    self._inputs.clear()
+                    self._reference = {}
+                    hessians.end_round(self.acc)
+        finally:
+            dead.remove()
+            self._unstub()
+        return hessians.finish()
+
+    def _stub_outputs(self) -> None:
+        for module in self.modules.values():
+            out_features = linear_shape(module)[1]
+            module.forward = lambda x, *args, _out=out_features, **kwargs: x.new_empty(*x.shape[:-1], _out)
+            self._stubbed.append(module)
+
+    def _unstub(self) -> None:
+        for module in self._stubbed:
+            module.__dict__.pop("forward", None)
+        self._stubbed.clear()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._unstub()
