@@ -10,7 +10,7 @@ before the defaults changed (no static groups, no held-out guard, pydoc calibrat
 
 Every checkpoint and report is kept in --work, so an interrupted run continues where it stopped.
 Usage: python benchmarks/quality_report.py [--models smollm2 tinystories PATH] [--bits 4 3]
-       [--runs rtn default@mix gptaq@mix act@pydoc] [--nsamples 128] [--seqlen 2048]
+       [--runs rtn default@mix gptaq@mix act@pydoc] [--nsamples 128] [--seqlen 512]
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--runs", nargs="+", default=["rtn", "default@mix", "gptaq@mix", "act@pydoc"],
                     help=f"config@calibration; configs: {', '.join(CONFIGS)}; calibration: {', '.join(CALIBRATION)}")
     ap.add_argument("--nsamples", type=int, default=128)
-    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--windows", type=int, default=8, help="report windows per text domain")
     a = ap.parse_args()
     work = Path(a.work)

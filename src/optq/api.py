@@ -72,7 +72,7 @@ def quantize(
     config: QuantizeConfig | None = None,
     dataset: str = "mix",
     nsamples: int = 128,
-    seqlen: int = 2048,
+    seqlen: int = 512,
     seed: int = 0,
     max_shard_size: str | int = "4GB",
     dtype: str | torch.dtype = "float16",

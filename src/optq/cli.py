@@ -56,7 +56,9 @@ def _add_quantize(sub) -> None:
                    help="zero-point convention of the checkpoint (v1 'gptq', the default, or 'gptq_v2'); 'gguf' "
                         "quantizes 4-bit (or 8-bit symmetric) group 32 and writes OUT as a .gguf file for llama.cpp")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
-    p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
+    p.add_argument("--seqlen", type=int, default=512,
+                   help="tokens per calibration window (default 512: better than 2048 on every domain of the "
+                        "quality report, at a quarter of the work; BENCHMARKS.md)")
     p.add_argument("--dataset", default="mix",
                    help="calibration text: 'mix' (default: prose, code, the model's own chat answers, other "
                         "languages), 'pydoc', a .txt/.jsonl file ('text' or chat 'messages'), a folder, "

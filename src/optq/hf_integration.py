@@ -157,8 +157,8 @@ def _quantize_loaded(model, gptq_config):
         tok = AutoTokenizer.from_pretrained(tok)
     config = _loadable_config(model, QuantizeConfig(bits=gptq_config.bits, group_size=gptq_config.group_size,
                                                     sym=gptq_config.sym))
-    limit = getattr(model.config, "max_position_embeddings", None) or 2048
-    seqlen = min(gptq_config.model_seqlen or 2048, limit)
+    limit = getattr(model.config, "max_position_embeddings", None) or 512
+    seqlen = min(gptq_config.model_seqlen or 512, limit)
     nsamples = 128
     dataset = gptq_config.dataset
     if dataset is None:
