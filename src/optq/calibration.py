@@ -177,9 +177,10 @@ CHAT_ANSWER_TOKENS = 128
 
 def chat_samples(model, tokenizer, prompts, answer_tokens: int = CHAT_ANSWER_TOKENS) -> torch.Tensor:
     """Token ids [1, N] of the prompts and the model's own greedy answers, each in the chat template, joined."""
-    answers = greedy_answers(model, tokenizer, [prompt_ids(tokenizer, p) for p in prompts], answer_tokens, batch=32)
-    return torch.cat([torch.cat([prompt_ids(tokenizer, p), torch.tensor([a], dtype=torch.long)], dim=1)
-                      for p, a in zip(prompts, answers)], dim=1)
+    asked = [prompt_ids(tokenizer, p) for p in prompts]
+    answers = greedy_answers(model, tokenizer, asked, answer_tokens, batch=32)
+    return torch.cat([torch.cat([q, torch.tensor([a], dtype=torch.long)], dim=1) for q, a in zip(asked, answers)],
+                     dim=1)
 
 
 def _mix_counts(nsamples: int, seqlen: int, lengths: dict[str, int]) -> dict[str, int]:

@@ -143,7 +143,6 @@ def _quantize_loaded(model, gptq_config):
     are honoured (dataset None: optq's `mix`; a list of texts; 'wikitext2'/'c4' through `datasets`); the column
     order, damping, guard and calibration size are optq's defaults (GPTQConfig's own defaults, natural order and
     damp 0.1, are GPTQModel's and measured worse here)."""
-    import torch
     from transformers import AutoTokenizer
 
     from .api import _loadable_config
@@ -178,5 +177,4 @@ def _quantize_loaded(model, gptq_config):
 
     model.config.quantization_config = result.config.to_hf(_checkpoint_meta(result, {"calibration": calibration}))
     model.is_quantized = True
-    del torch
     return model
