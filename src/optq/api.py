@@ -21,9 +21,10 @@ from .errors import OptqError
 from .formats.gptq import (LOG_FILE, AtomicFolder, checkpoint_tensors, is_quantized_checkpoint, parse_size,
                            write_config_files, write_safetensors)
 from .models.loading import TOKENIZER_FILES, SourceModel, load_source_model, load_tokenizer, parse_dtype
-from .distributed import HESSIAN_SHARDS, Cluster
+from .distributed import Cluster
 from .pipeline import ModuleLog, QuantizedModel, quantize_model
 from .resume import RunState, fault_point, partial_dir, windows_digest
+from .settings import RunSettings
 from .sysmem import available_memory, return_freed_memory
 
 log = logging.getLogger("optq")
@@ -70,26 +71,18 @@ def quantize(
     model: str | os.PathLike,
     out: str | os.PathLike,
     config: QuantizeConfig | None = None,
-    dataset: str = "mix",
-    nsamples: int = 128,
-    seqlen: int = 512,
-    seed: int = 0,
-    max_shard_size: str | int = "4GB",
-    dtype: str | torch.dtype = "float16",
-    compute_dtype: str | torch.dtype | None = "auto",
-    device: str = "cpu",
-    overwrite: bool = False,
-    allow_pickle: bool = False,
-    trust_remote_code: bool = False,
+    settings: RunSettings | None = None,
+    *,
     progress: bool = True,
     on_module=None,
-    resume: bool = False,
-    allow_rtn_fallback: bool = False,
-    stream: bool | None = None,
-    max_activation_memory: str | int | None = "4GB",
-    hessian_shards: int | None = None,
+    **options,
 ) -> QuantizeReport:
     """Quantize `model` (a Hugging Face folder or a .gguf file) and write a GPTQ checkpoint to `out`.
+
+    `config` says what the checkpoint is (bits, groups, order, ...); `settings` (optq.settings.RunSettings) or
+    its fields as keyword options (`dataset=`, `nsamples=`, `seqlen=`, `seed=`, `dtype=`, `compute_dtype=`,
+    `device=`, `stream=`, `max_activation_memory=`, `max_shard_size=`, `hessian_shards=`, `overwrite=`,
+    `resume=`, `allow_rtn_fallback=`, `allow_pickle=`, `trust_remote_code=`) say how it is made.
 
     Finished layers are kept beside `out` until the checkpoint is complete; `resume=True` continues an
     interrupted run from them (same model, config and calibration), byte-identically. A module GPTQ cannot
@@ -106,69 +99,60 @@ def quantize(
     of processes and is part of what makes the bytes)."""
     started = time.perf_counter()
     config = config or QuantizeConfig()
-    out_dtype = parse_dtype(dtype)
-    shard_bytes = parse_size(max_shard_size)
-    act_limit = parse_size(max_activation_memory) if max_activation_memory is not None else None
-    hessian_shards = HESSIAN_SHARDS if hessian_shards is None else hessian_shards
-    cluster = Cluster.from_env(device)
+    settings = RunSettings.from_options(settings, **options)
+    cluster = Cluster.from_env(settings.device)
     try:
-        result = _quantize(model, out, config, dataset, nsamples, seqlen, seed, shard_bytes, out_dtype,
-                           compute_dtype, device, overwrite, allow_pickle, trust_remote_code, progress, on_module,
-                           resume, allow_rtn_fallback, stream, act_limit, hessian_shards, cluster)
+        result = _quantize(model, out, config, settings, progress, on_module, cluster)
     finally:
         if cluster is not None:
             cluster.close()
     return QuantizeReport(Path(out), result, time.perf_counter() - started)
 
 
-def _quantize(model, out, config, dataset, nsamples, seqlen, seed, shard_bytes, out_dtype, compute_dtype, device,
-              overwrite, allow_pickle, trust_remote_code, progress, on_module, resume, allow_rtn_fallback, stream,
-              act_limit, hessian_shards, cluster) -> QuantizedModel:
+def _quantize(model, out, config: QuantizeConfig, s: RunSettings, progress: bool, on_module,
+              cluster) -> QuantizedModel:
     writer = cluster is None or cluster.rank == 0  # of several processes, rank 0 writes the checkpoint
-    if cluster is not None and resume:
+    if cluster is not None and s.resume:
         raise OptqError("--resume works in one process only: run the interrupted quantization without torchrun")
     # fails now, not after the work, if `out` is unusable; a finished one is checked once the run is known
-    finished = resume and writer and is_quantized_checkpoint(Path(out)) and not partial_dir(out).exists()
-    folder = AtomicFolder(out, overwrite=overwrite) if writer and not finished else None
-    src, why = _open_streamed(model, trust_remote_code) if stream is not False else (None, "")
+    finished = s.resume and writer and is_quantized_checkpoint(Path(out)) and not partial_dir(out).exists()
+    folder = AtomicFolder(out, overwrite=s.overwrite) if writer and not finished else None
+    src, why = _open_streamed(model, s.trust_remote_code) if s.stream is not False else (None, "")
     if src is None:
-        if stream:
+        if s.stream:
             raise OptqError(f"{model} cannot be streamed ({why}): drop --stream to load it whole")
-        src = load_source_model(model, "float32", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        src = load_source_model(model, "float32", allow_pickle=s.allow_pickle, trust_remote_code=s.trust_remote_code)
     config = _loadable_config(src.model, config)
     windows, mix = None, None
     if config.method == "gptq":
-        if dataset == MIX:
-            windows, mix = mix_windows(src.tokenizer, _generation_model(src, trust_remote_code), nsamples, seqlen,
-                                       seed)
+        if s.dataset == MIX:
+            windows, mix = mix_windows(src.tokenizer, _generation_model(src, s.trust_remote_code), s.nsamples,
+                                       s.seqlen, s.seed)
             log.info("calibration mix (windows per part): %s", ", ".join(f"{k} {v}" for k, v in mix.items()))
         else:
-            windows = calibration_windows(src.tokenizer, dataset, nsamples, seqlen, seed)
+            windows = calibration_windows(src.tokenizer, s.dataset, s.nsamples, s.seqlen, s.seed)
         return_freed_memory()  # the tokenizer's working memory for the whole text (~150 MB for WikiText-2)
-    cdtype = parse_dtype(compute_dtype) if compute_dtype else None
+    cdtype = parse_dtype(s.compute_dtype) if s.compute_dtype else None
     fingerprint = {"optq": __version__, "model": str(src.path), "config": config.to_hf(), "rtn guard": config.rtn_guard,
-                   "calibration tokens": windows_digest(windows), "compute dtype": str(cdtype), "device": device,
-                   "model config": _model_config_dict(src.model)}
-    if allow_rtn_fallback:  # only when set, so that runs interrupted before the option existed still resume
-        fingerprint["allow rtn fallback"] = True
-    if hessian_shards != HESSIAN_SHARDS:
-        fingerprint["hessian shards"] = hessian_shards
+                   "calibration tokens": windows_digest(windows), "compute dtype": str(cdtype),
+                   "model config": _model_config_dict(src.model), **s.fingerprint()}
     digest = _run_digest(fingerprint, src.path)
     if finished:
         return _already_complete(Path(out), digest, config)
-    state = RunState(out, fingerprint, resume=resume, overwrite=overwrite) if cluster is None else None
+    state = RunState(out, fingerprint, resume=s.resume, overwrite=s.overwrite) if cluster is None else None
     fault_point("calibration")
     calibration = None
     if windows is not None:
-        calibration = {"dataset": str(dataset), "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
-                       "hessian_shards": hessian_shards}
+        calibration = s.calibration_meta()
         if mix is not None:
             calibration["parts"] = mix
     run_meta = {"calibration": calibration, "run_digest": digest}
-    run = dict(device=device, compute_dtype=cdtype, progress=progress and writer,
-               on_module=on_module if writer else None, state=state, allow_rtn_fallback=allow_rtn_fallback,
+    act_limit = parse_size(s.max_activation_memory) if s.max_activation_memory is not None else None
+    run = dict(device=s.device, compute_dtype=cdtype, progress=progress and writer,
+               on_module=on_module if writer else None, state=state, allow_rtn_fallback=s.allow_rtn_fallback,
                max_activation_memory=act_limit, spill_dir=Path(out).resolve().parent, cluster=cluster,
-               hessian_shards=hessian_shards)
+               hessian_shards=s.hessian_shards)
+    out_dtype, shard_bytes = parse_dtype(s.dtype), parse_size(s.max_shard_size)
     if src.is_streamed:
         from .streaming import StreamedModel
 

@@ -10,6 +10,7 @@ import sys
 import time
 
 from .errors import OptqError
+from .settings import RunSettings
 
 log = logging.getLogger("optq")
 
@@ -55,30 +56,32 @@ def _add_quantize(sub) -> None:
     p.add_argument("--format", default="gptq", choices=["gptq", "gptq_v2", "gguf"],
                    help="zero-point convention of the checkpoint (v1 'gptq', the default, or 'gptq_v2'); 'gguf' "
                         "quantizes 4-bit (or 8-bit symmetric) group 32 and writes OUT as a .gguf file for llama.cpp")
-    p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
-    p.add_argument("--seqlen", type=int, default=512,
-                   help="tokens per calibration window (default 512: better than 2048 on every domain of the "
+    p.add_argument("--nsamples", type=int, default=RunSettings.nsamples,
+                   help=f"calibration windows (default {RunSettings.nsamples})")
+    p.add_argument("--seqlen", type=int, default=RunSettings.seqlen,
+                   help=f"tokens per calibration window (default {RunSettings.seqlen}: better than 2048 on every domain of the "
                         "quality report, at a quarter of the work; BENCHMARKS.md)")
-    p.add_argument("--dataset", default="mix",
+    p.add_argument("--dataset", default=RunSettings.dataset,
                    help="calibration text: 'mix' (default: prose, code, the model's own chat answers, other "
                         "languages), 'pydoc', a .txt/.jsonl file ('text' or chat 'messages'), a folder, "
                         "'wikitext2' or 'c4' (hub)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-shard-size", default="4GB")
-    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+    p.add_argument("--seed", type=int, default=RunSettings.seed)
+    p.add_argument("--max-shard-size", default=RunSettings.max_shard_size)
+    p.add_argument("--dtype", default=RunSettings.dtype, choices=["float16", "bfloat16", "float32"],
                    help="dtype of the unquantized tensors in the checkpoint (default float16)")
-    p.add_argument("--compute-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    p.add_argument("--compute-dtype", default=RunSettings.compute_dtype, choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype of the calibration forward passes and hidden states; auto = bfloat16 where the CPU "
                         "has native bf16, else float32 (Hessians and solves are float32 either way)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="read one decoder layer at a time from the model's safetensors and write the checkpoint as "
                         "it goes, so memory does not grow with the model (default: on for safetensors folders)")
-    p.add_argument("--max-activation-memory", default="4GB",
-                   help="calibration hidden states beyond this spill to a file next to OUT (default 4GB)")
-    p.add_argument("--device", default="cpu", help="compute device for the layer being quantized (cpu, cuda)")
-    p.add_argument("--hessian-shards", type=int, default=None,
+    p.add_argument("--max-activation-memory", default=RunSettings.max_activation_memory,
+                   help="calibration hidden states beyond this spill to a file next to OUT "
+                        f"(default {RunSettings.max_activation_memory})")
+    p.add_argument("--device", default=RunSettings.device, help="compute device for the layer being quantized (cpu, cuda)")
+    p.add_argument("--hessian-shards", type=int, default=RunSettings.hessian_shards,
                    help="the calibration windows' Hessians are summed in this many shards in a fixed order, so "
-                        "runs on up to this many processes (torchrun) give the same bytes (default: 8)")
+                        f"runs on up to this many processes (torchrun) give the same bytes (default {RunSettings.hessian_shards})")
     p.add_argument("--overwrite", action="store_true", help="replace OUT (and any interrupted run of it) if it exists")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run of the same command from its last finished layer")
@@ -198,11 +201,8 @@ def _quantize_to_gguf(a, config, out, show) -> int:
         raise OptqError(f"{out} already exists: choose another path or pass --overwrite")
     with tempfile.TemporaryDirectory(prefix=".optq-gguf-", dir=out.parent) as tmp:
         ckpt = Path(tmp) / "checkpoint"
-        quantize(a.model, ckpt, config, dataset=a.dataset, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
-                 compute_dtype=a.compute_dtype, device=a.device, allow_pickle=a.allow_pickle,
-                 trust_remote_code=a.trust_remote_code, allow_rtn_fallback=a.allow_rtn_fallback,
-                 progress=not a.quiet, on_module=None if a.quiet else show, stream=a.stream,
-                 max_activation_memory=a.max_activation_memory)
+        settings = RunSettings.from_options(RunSettings.from_args(a), overwrite=False, resume=False)
+        quantize(a.model, ckpt, config, settings, progress=not a.quiet, on_module=None if a.quiet else show)
         src = resolve_model_path(a.model)
         counts = export_gguf(ckpt, out, tokenizer_from=str(src) if src.suffix == ".gguf" else None,
                              overwrite=a.overwrite)
@@ -251,13 +251,8 @@ def cmd_quantize(a) -> int:
     if a.asym and fmt == "gptq":
         log.warning("asymmetric v1 ('gptq') checkpoint: GPTQModel 7.7 refuses to load asymmetric v1 checkpoints "
                     "that GPTQModel did not make; pass --format gptq_v2 if it is meant for GPTQModel")
-    report = quantize(
-        a.model, a.out, config, dataset=a.dataset, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
-        max_shard_size=a.max_shard_size, dtype=a.dtype, compute_dtype=a.compute_dtype, device=a.device,
-        overwrite=a.overwrite, resume=a.resume, allow_rtn_fallback=a.allow_rtn_fallback, allow_pickle=a.allow_pickle,
-        trust_remote_code=a.trust_remote_code, stream=a.stream, max_activation_memory=a.max_activation_memory,
-        progress=not a.quiet, on_module=None if a.quiet else show, hessian_shards=a.hessian_shards,
-    )
+    report = quantize(a.model, a.out, config, RunSettings.from_args(a), progress=not a.quiet,
+                      on_module=None if a.quiet else show)
     if report.result.already_complete:
         print(f"{report.path} is already complete: nothing to do")
         return 0

@@ -23,9 +23,6 @@ from .core.gptq import HessianAccumulator
 from .core.grid import QuantizedWeight
 from .errors import OptqError
 
-# Calibration shards of every run, one process or many: up to this many processes give the same bytes.
-HESSIAN_SHARDS = 8
-
 
 @dataclass
 class ShardPlan:

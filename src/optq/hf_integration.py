@@ -150,29 +150,31 @@ def _quantize_loaded(model, gptq_config):
     from .config import QuantizeConfig
     from .pipeline import quantize_model
     from .runtime.load import finish_loading, install_packed
+    from .settings import RunSettings
 
     tok = gptq_config.tokenizer or model.name_or_path
     if isinstance(tok, str):
         tok = AutoTokenizer.from_pretrained(tok)
     config = _loadable_config(model, QuantizeConfig(bits=gptq_config.bits, group_size=gptq_config.group_size,
                                                     sym=gptq_config.sym))
-    limit = getattr(model.config, "max_position_embeddings", None) or 512
-    seqlen = min(gptq_config.model_seqlen or 512, limit)
-    nsamples = 128
+    run = RunSettings()
+    limit = getattr(model.config, "max_position_embeddings", None) or run.seqlen
+    seqlen = min(gptq_config.model_seqlen or run.seqlen, limit)
+    nsamples, seed = run.nsamples, run.seed
     dataset = gptq_config.dataset
     if dataset is None:
-        windows, _ = mix_windows(tok, model, nsamples, seqlen)
+        windows, _ = mix_windows(tok, model, nsamples, seqlen, seed)
         dataset = MIX
     elif isinstance(dataset, list):
-        windows = sample_windows(tokenize_joined(tok, dataset), nsamples, seqlen, seed=0)
+        windows = sample_windows(tokenize_joined(tok, dataset), nsamples, seqlen, seed)
     else:
-        windows = calibration_windows(tok, dataset, nsamples, seqlen)
+        windows = calibration_windows(tok, dataset, nsamples, seqlen, seed)
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     result = quantize_model(model, windows, config, compute_dtype=dtype)
     qmods = install_packed(model, result.modules, result.config)
     finish_loading(model, qmods, dtype)
     calibration = {"dataset": dataset if isinstance(dataset, str) else f"{len(dataset)} texts",
-                   "nsamples": nsamples, "seqlen": seqlen, "seed": 0}
+                   "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
     from .api import _checkpoint_meta
 
     model.config.quantization_config = result.config.to_hf(_checkpoint_meta(result, {"calibration": calibration}))

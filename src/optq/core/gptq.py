@@ -117,8 +117,22 @@ class HessianAccumulator:
                 for lo, hi in _blocks(self.columns):
                     self.xtx[:hi, lo:hi].addmm_(x[:, :hi].T, x[:, lo:hi])
         if x_ref is not None:
-            self.dxtx.addmm_((x_ref.to(torch.float32) - x).T, x)
+            self._add_cross(x_ref.to(torch.float32) - x, x, exact_bf16)
         self.tokens += x.shape[0]
+
+    def _add_cross(self, dx: torch.Tensor, x: torch.Tensor, exact_bf16: bool) -> None:
+        """dxtx += dx^T x. With bf16 activations x is exact in bf16 and dx is split into two bf16-exact parts
+        (dx = hi + lo, 16 significant bits, ample for a correction term), so both products run in the bf16 math
+        mode at bf16 speed (AMX where the CPU has it) with float32 sums; no drift (dx = 0) still adds exact
+        zeros, so GPTAQ without drift stays GPTQ."""
+        if not exact_bf16:
+            self.dxtx.addmm_(dx.T, x)
+            return
+        hi = dx.to(torch.bfloat16).to(torch.float32)
+        lo = dx.sub_(hi).to(torch.bfloat16).to(torch.float32)
+        with bf16_math_for_exact_inputs(True):
+            self.dxtx.addmm_(hi.T, x)
+            self.dxtx.addmm_(lo.T, x)
 
     def absorb(self, other: "HessianAccumulator") -> None:
         """Add `other`'s sums to this one's and empty `other` (its buffers move here when this one holds none).

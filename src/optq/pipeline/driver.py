@@ -16,7 +16,8 @@ from torch import nn
 from ..config import QuantizeConfig
 from ..core.gptq import HessianAccumulator, Owned
 from ..core.grid import QuantizedWeight
-from ..distributed import HESSIAN_SHARDS, Cluster, ShardedHessians, shard_plan, share_solution
+from ..distributed import Cluster, ShardedHessians, shard_plan, share_solution
+from ..settings import HESSIAN_SHARDS
 from ..errors import OptqError
 from ..formats.gptq import pack_module
 from ..models.registry import arch_spec, get_submodule
