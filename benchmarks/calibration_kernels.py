@@ -5,7 +5,9 @@ shapes (one 2048-token window), median of many calls:
   BF16, float32 on AVX2-only CPUs) against PyTorch's sdpa (its CPU flash kernel), in the dtype
   `--compute-dtype auto` picks here;
 - the Hessian sum X^T X of one window, 576 and 1536 columns (SmolLM2's q/k/v, o, gate/up and down inputs):
-  optq's HessianAccumulator.add (upper block triangle) against one full float32 `addmm`.
+  optq's HessianAccumulator.add (upper block triangle) against one full float32 `addmm`, and for bf16
+  activations every candidate core.choice measures (native, oneDNN bf16 upper/full) at 512 and 2048 tokens;
+- GPTAQ's (X_ref - X)^T X: float32 against the bf16 hi/lo split.
 
 Usage: python benchmarks/calibration_kernels.py
 """
@@ -29,7 +31,7 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
-    from optq.core.gptq import HessianAccumulator
+    from optq.core.hessian import HessianAccumulator, _bf16_gram_kernels, _cross_kernels
     from optq.models.loading import parse_dtype
     from optq.runtime import native
 
@@ -61,6 +63,20 @@ def main() -> None:
         rows.append({"kernel": "full addmm", "dtype": "float32", "case": case, "ms": t_full, "gflops": work / t_full / 1e6})
         rows.append({"kernel": "optq HessianAccumulator.add", "dtype": "float32", "case": case, "ms": t_ours,
                      "gflops": work / t_ours / 1e6})
+        # the candidates core.choice picks from for bf16 activations, at a calibration window of 512 tokens too
+        for n in (512, tokens):
+            xb = x[:n].to(torch.bfloat16)
+            xf = xb.float()
+            dx = (xf + 0.01 * torch.randn(n, columns, generator=g)) - xf
+            for name, kernel in _bf16_gram_kernels().items():
+                t = median_ms(lambda: kernel(full, xb), 21)
+                rows.append({"kernel": f"X^T X {name}", "dtype": "bfloat16", "case": f"X^T X, {n} x {columns}",
+                             "ms": t, "gflops": 2 * n * columns * columns / t / 1e6})
+            for name, kernel in _cross_kernels(True).items():
+                t = median_ms(lambda: kernel(full, dx.clone(), xf), 21)
+                rows.append({"kernel": f"(X_ref-X)^T X {name}", "dtype": "bfloat16",
+                             "case": f"(X_ref-X)^T X, {n} x {columns}", "ms": t,
+                             "gflops": 2 * n * columns * columns / t / 1e6})
     print(f"{'kernel':32s} {'dtype':9s} {'case':34s} {'ms':>8s} {'GFLOP/s*':>9s}")
     for r in rows:
         print(f"{r['kernel']:32s} {r['dtype']:9s} {r['case']:34s} {r['ms']:8.2f} {r['gflops']:9.0f}")

@@ -5,7 +5,8 @@ folder / GGUF given by path) and bits, it quantizes each run `config@calibration
 peak RSS measured; calibration: `mix` the built-in default, `pydoc` its prose part alone, `wiki` WikiText-2
 valid) and reports them all against the float model with `optq eval --reference` on the same windows (one
 reference pass, cached in --work), then prints a table of mean KL per domain, top-1 agreement and chat answers,
-and JSON with the machine. `default` is `optq quantize` with no flag but --bits; `act` is act-order as it was
+and JSON with the machine. `default` is `optq quantize` with no flag but --bits (GPTAQ on since session 17; `nogptaq` is the
+default before it); `act` is act-order as it was
 before the defaults changed (no static groups, no held-out guard, pydoc calibration being the old default).
 
 Every checkpoint and report is kept in --work, so an interrupted run continues where it stopped.
@@ -30,7 +31,8 @@ CONFIGS = {
     "rtn": ["--rtn"],
     "default": [],
     "natural": ["--no-desc-act"],
-    "act": ["--no-static-groups", "--no-rtn-guard"],
+    "act": ["--no-static-groups", "--no-rtn-guard", "--no-gptaq"],
+    "nogptaq": ["--no-gptaq"],
     "noguard": ["--no-rtn-guard"],
     "gptaq": ["--gptaq"],
     "damp05": ["--damp", "0.05"],

@@ -202,8 +202,16 @@ def main() -> None:
         for r in timed[:-1]:
             print(f"{r['tool']} / GPTQModel: time {r['seconds'] / timed[-1]['seconds']:.2f}, "
                   f"peak RSS {r['peak_rss_mb'] / timed[-1]['peak_rss_mb']:.2f}")
+    from optq.core import choice
+    from optq.runtime import native
+
+    native.load()  # points core.choice at the file the runs remembered their kernel choices in
+    kernels = choice.remembered()
+    if kernels:
+        print("kernels chosen by measurement on this machine: "
+              + ", ".join(f"{op}: {name}" for op, name in sorted(kernels.items())))
     result = {"benchmark": "quantize_speed", "machine": machine_info(), "args": vars(a), "rates": rates,
-              "flops": flops, "floor_seconds": floor, "model_gb": size_gb, "rows": rows}
+              "flops": flops, "floor_seconds": floor, "model_gb": size_gb, "kernel_choices": kernels, "rows": rows}
     name = "vs-gptqmodel" if a.vs_gptqmodel else model.name
     (work / f"result-{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))

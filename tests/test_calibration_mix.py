@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 import optq
 from optq.calibration import MIX_SHARES, load_documents, mix_windows, tokenize_joined
 from optq.chat_prompts import CALIBRATION_PROMPTS, CHAT_PROMPTS
-from optq.core.gptq import HessianAccumulator, gptq_solve
+from optq.core.gptq import gptq_solve
+from optq.core.hessian import HessianAccumulator
 from optq.core.grid import GridSpec
 from optq.errors import OptqError
 from optq.pipeline import RTN_GUARD, _guard
@@ -208,3 +209,23 @@ def test_default_runs_are_byte_identical(chat_model, tmp_path):
     _, quant = read_quantization_config(outs[0])
     assert quant["meta"]["calibration"]["dataset"] == "mix" and quant["meta"]["calibration"]["parts"]["chat"] > 0
     assert isinstance(quant["meta"]["rtn_guard"], list) and quant["meta"]["act_order"] is True
+
+
+def test_chat_answers_are_cached_per_model(chat_model, tmp_path, monkeypatch):
+    import optq.calibration as calibration
+    from optq.models.loading import load_source_model
+
+    monkeypatch.setenv("OPTQ_CACHE", str(tmp_path / "cache"))
+    src = load_source_model(chat_model)
+    prompts = ["Tell me a story.", "What is a cat?"]
+    first = calibration.chat_samples(src.model, src.tokenizer, prompts, answer_tokens=8)
+    assert len(list((tmp_path / "cache" / "chat-answers").glob("*.json"))) == 1
+    calls = []
+    real = calibration.greedy_answers
+    monkeypatch.setattr(calibration, "greedy_answers", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = calibration.chat_samples(src.model, src.tokenizer, prompts, answer_tokens=8)
+    assert torch.equal(first, again) and not calls  # read back, not generated
+    with torch.no_grad():  # another model (one weight changed): its own answers
+        next(src.model.parameters()).add_(1.0)
+    calibration.chat_samples(src.model, src.tokenizer, prompts, answer_tokens=8)
+    assert calls and len(list((tmp_path / "cache" / "chat-answers").glob("*.json"))) == 2

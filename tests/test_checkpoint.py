@@ -288,8 +288,8 @@ def test_gguf_source(tmp_path):
 def test_gptaq_pipeline(tinystories_model, tinystories_text, tmp_path):
     # Layer 0's first group reads the embeddings, where the float and the quantized model agree: GPTAQ's cross
     # term is zero there and its codes equal plain GPTQ's. From the second group on the models differ.
-    _quantize(tinystories_model, tmp_path / "plain", tinystories_text, desc_act=True)
-    _quantize(tinystories_model, tmp_path / "asym", tinystories_text, desc_act=True, gptaq=True)
+    _quantize(tinystories_model, tmp_path / "plain", tinystories_text, desc_act=True, gptaq=False)
+    _quantize(tinystories_model, tmp_path / "asym", tinystories_text, desc_act=True)  # GPTAQ: the default
     plain, asym = _tensors(tmp_path / "plain"), _tensors(tmp_path / "asym")
     for m in ("q_proj", "k_proj", "v_proj"):
         key = f"model.layers.0.self_attn.{m}.qweight"

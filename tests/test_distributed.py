@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from optq.core.gptq import HessianAccumulator
+from optq.core.hessian import HessianAccumulator
 from optq.distributed import ShardedHessians, shard_plan
 from optq.errors import OptqError
 
@@ -69,7 +69,7 @@ REDUCE_SCRIPT = """
 import sys
 import torch
 from safetensors.torch import save_file
-from optq.core.gptq import HessianAccumulator
+from optq.core.hessian import HessianAccumulator
 from optq.distributed import Cluster, ShardedHessians, shard_plan
 
 cluster = Cluster.from_env("cpu")

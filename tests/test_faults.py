@@ -10,7 +10,7 @@ import optq
 from optq.api import save_quantized
 from optq.calibration import calibration_windows
 from optq.config import QuantizeConfig
-from optq.core.gptq import HessianAccumulator
+from optq.core.hessian import HessianAccumulator
 from optq.core.grid import rtn_quantize
 from optq.errors import OptqError
 from optq.models.loading import load_source_model

@@ -3,7 +3,8 @@ import logging
 import pytest
 import torch
 
-from optq.core.gptq import HessianAccumulator, NotPositiveDefiniteError, gptq_solve
+from optq.core.gptq import NotPositiveDefiniteError, gptq_solve
+from optq.core.hessian import HessianAccumulator
 from optq.core.grid import GridSpec, dequantize, find_params, quantize, rtn_quantize
 
 

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from optq.core.gptq import HessianAccumulator, gptq_solve
+from optq.core.gptq import gptq_solve
+from optq.core.hessian import HessianAccumulator
 from optq.core.grid import GridSpec
 from optq.formats.gptq import pack_module
 from optq.runtime import native

@@ -9,14 +9,17 @@ library when the hub is reachable.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import random
 import re
 from pathlib import Path
 
 import torch
 
+from .cache import cache_root
 from .errors import OptqError
 from .generation import chat_ids, greedy_answers, has_chat_template, prompt_ids
 from .texts import CALIBRATION_LANGUAGES, django_available, django_catalog, pydoc_documents, stdlib_code
@@ -176,11 +179,48 @@ CHAT_ANSWER_TOKENS = 128
 
 
 def chat_samples(model, tokenizer, prompts, answer_tokens: int = CHAT_ANSWER_TOKENS) -> torch.Tensor:
-    """Token ids [1, N] of the prompts and the model's own greedy answers, each in the chat template, joined."""
+    """Token ids [1, N] of the prompts and the model's own greedy answers, each in the chat template, joined.
+    The answers are kept in optq's cache per model, prompts and machine: quantizing the same model again (other
+    bits, say) skips the generation and gets the same tokens."""
     asked = [prompt_ids(tokenizer, p) for p in prompts]
-    answers = greedy_answers(model, tokenizer, asked, answer_tokens, batch=32)
+    key = _answers_key(model, asked, answer_tokens)
+    cached = cache_root() / "chat-answers" / f"{key}.json"
+    try:
+        answers = json.loads(cached.read_text())
+        log.info("calibration: the model's chat answers from %s", cached)
+    except (OSError, ValueError):
+        answers = greedy_answers(model, tokenizer, asked, answer_tokens, batch=32)
+        _write_atomic(cached, json.dumps(answers))
     return torch.cat([torch.cat([q, torch.tensor([a], dtype=torch.long)], dim=1) for q, a in zip(asked, answers)],
                      dim=1)
+
+
+def _answers_key(model, asked: list[torch.Tensor], answer_tokens: int) -> str:
+    """What the greedy answers depend on: the weights (every parameter's name, shape and dtype and a strided
+    sample of its values: enough to tell two checkpoints apart without reading gigabytes twice), the prompts'
+    token ids, the answer length, and the machine (its float kernels decide near-ties)."""
+    from .core.choice import machine_key
+
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            flat = p.detach().reshape(-1)
+            h.update(f"{name} {tuple(p.shape)} {p.dtype}".encode())
+            h.update(flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes())
+    for ids in asked:
+        h.update(ids.numpy().astype("int64").tobytes())
+    h.update(f"{answer_tokens} {machine_key()}".encode())
+    return h.hexdigest()[:24]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only cache only costs the generation next time
+        log.debug("chat answers not cached: %s", e)
 
 
 def _mix_counts(nsamples: int, seqlen: int, lengths: dict[str, int]) -> dict[str, int]:

@@ -37,8 +37,9 @@ def _add_quantize(sub) -> None:
                    help="symmetric grid with llama.cpp's Q4_0 scale rule: scale = the group's signed extreme / -8 "
                         "(4-bit), so the extreme is exact and the step finer; scales may be negative (on by "
                         "default with --format gguf)")
-    p.add_argument("--gptaq", action="store_true",
-                   help="GPTAQ asymmetric calibration: aim each layer at the float model's outputs (GPTQModel's v2)")
+    p.add_argument("--gptaq", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPTAQ asymmetric calibration: aim each layer at the float model's outputs (GPTQModel's "
+                        "v2; default on; --no-gptaq: plain GPTQ, ~0.55x the time)")
     p.add_argument("--gptaq-alpha", type=float, default=0.25, help="weight of GPTAQ's cross term (default 0.25)")
     p.add_argument("--refit-scales", action="store_true",
                    help="after GPTQ picks the integers, fit each group's scale to them by least squares on the "

@@ -34,8 +34,10 @@ class QuantizeConfig:
     mse: bool = False
     # llama.cpp's Q4_0 scale rule in the symmetric grid (see GridSpec.signed_scale): exact in GGUF Q4_0 / Q8_0.
     signed_scale: bool = False
-    # GPTAQ asymmetric calibration (GPTQModel calls it "v2"): aim each layer at the float model's outputs.
-    gptaq: bool = False
+    # GPTAQ asymmetric calibration (GPTQModel calls it "v2"): aim each layer at the float model's outputs. On by
+    # default: 0.69-0.95x the KL of plain GPTQ on every report domain of 3 models, at ~1.8x its time
+    # (BENCHMARKS.md, "Quality by default, continued").
+    gptaq: bool = True
     gptaq_alpha: float = 0.25
     # After GPTQ picks the integers, fit each row's group scales to them by least squares on the layer's
     # output error (core.gptq.refit_scales). The checkpoint format is unchanged. Off by default: -1% perplexity
@@ -193,4 +195,7 @@ class QuantizeConfig:
             "lm_head": bool(d.get("lm_head", False)),
             "dynamic": d.get("dynamic") or {},
             "mse": bool(d.get("mse", 0)),
+            # how the weights were found (optq's meta), not how to read them
+            "gptaq": "gptaq_alpha" in (d.get("meta") or {}),
+            "gptaq_alpha": float((d.get("meta") or {}).get("gptaq_alpha", 0.25)),
         }

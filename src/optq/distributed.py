@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .core.gptq import HessianAccumulator
+from .core.hessian import HessianAccumulator
 from .core.grid import QuantizedWeight
 from .errors import OptqError
 

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from ..config import QuantizeConfig
-from ..core.gptq import HessianAccumulator, Owned
+from ..core.gptq import Owned
+from ..core.hessian import HessianAccumulator
 from ..core.grid import QuantizedWeight
 from ..distributed import Cluster, ShardedHessians, shard_plan, share_solution
 from ..settings import HESSIAN_SHARDS
@@ -187,7 +188,7 @@ def quantize_model(
             map_large_allocations()
     guard = needs_data and config.rtn_guard and len(windows) >= RTN_GUARD_MIN_WINDOWS
     if needs_data and device.type == "cpu":
-        native.load()  # before the first window: its X^T X kernel sums every bf16 Hessian (core.gptq._native_gram)
+        native.load()  # before the first window: its X^T X kernel sums every bf16 Hessian (core.hessian._native_gram)
     source = _Layers(model, layers, stream, device, compute_dtype, writer=cluster is None or cluster.rank == 0)
     source.prepare_capture()
     cal = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..core.gptq import HessianAccumulator
+from ..core.hessian import HessianAccumulator
 from ..distributed import ShardedHessians
 from . import replay
 from .activations import HiddenStates, LayerInputs

@@ -7,7 +7,8 @@ import logging
 import torch
 
 from ..config import QuantizeConfig
-from ..core.gptq import HessianAccumulator, NotPositiveDefiniteError, Owned, all_finite, gptq_solve
+from ..core.gptq import NotPositiveDefiniteError, Owned, all_finite, gptq_solve
+from ..core.hessian import HessianAccumulator
 from ..core.grid import QuantizedWeight, output_error, round_on_grid, rtn_quantize
 from ..errors import OptqError
 from .records import RTN_FALLBACK, RTN_GUARD

@@ -33,6 +33,9 @@ from pathlib import Path
 
 import torch
 
+from ..cache import cache_root
+from ..core import choice
+
 log = logging.getLogger("optq")
 
 SOURCES = [Path(__file__).with_name("native") / name for name in ("q4_gemm.cpp", "attention.cpp", "gram.cpp")]
@@ -59,9 +62,7 @@ def bf16_supported() -> bool:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("OPTQ_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"),
-                                                        "optq")
-    return Path(root) / "native"
+    return cache_root() / "native"
 
 
 def _compiler() -> str | None:
@@ -100,6 +101,7 @@ def load() -> bool:
     """Whether torch.ops.optq_native.q4_gemm is available (builds it on the first call)."""
     if "ok" in _state:
         return bool(_state["ok"])
+    choice.remember_in(cache_root() / "kernel-choices.json")  # kernels chosen by measurement (core.choice)
     reason = None
     if os.environ.get("OPTQ_NATIVE", "1") == "0":
         reason = "OPTQ_NATIVE=0"
