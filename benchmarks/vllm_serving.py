@@ -95,7 +95,29 @@ def run_optq(checkpoint: Path, prompts: list[list[int]], a) -> dict:
 
     first = torch.tensor([prompts[0]])
     return {"loaded": True, "load_s": load_s, "answers": answers, "batch1_tok_s": tok_s(first),
-            "batchN_tok_s": tok_s(first.repeat(a.batch, 1))}
+            "batchN_tok_s": tok_s(first.repeat(a.batch, 1)), "model": model}
+
+
+def divergences(model, prompts, ours, theirs, eos: set[int]) -> list[dict]:
+    """Where each differing answer parts: the position, both tokens, and optq's own logit gap between its token
+    and vLLM's there (a small gap: a near-tie that bf16 rounding in either runtime can tip)."""
+    import torch
+
+    out = []
+    for i, (p, x, y) in enumerate(zip(prompts, ours, theirs)):
+        x, y = [t for t in x if t not in eos], [t for t in y if t not in eos]
+        if x == y:
+            continue
+        n = next((k for k, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y)))
+        if n >= min(len(x), len(y)):  # one is a prefix of the other (an end-of-turn token taken)
+            out.append({"prompt": i, "position": n, "note": "one answer ends earlier"})
+            continue
+        with torch.inference_mode():
+            logits = model(torch.tensor([p + x[:n]])).logits[0, -1].float()
+        out.append({"prompt": i, "position": n, "optq_token": x[n], "vllm_token": y[n],
+                    "optq_logit_gap": float(logits[x[n]] - logits[y[n]]),
+                    "optq_top2_gap": float(logits.topk(2).values[0] - logits.topk(2).values[1])})
+    return out
 
 
 def agreement(ours: list[list[int]], theirs: list[list[int]], eos: set[int]) -> dict:
@@ -134,13 +156,15 @@ def main() -> None:
         prompts = chat_prompt_ids(tokenizer, a.prompts)
         eos = {tokenizer.eos_token_id}
         ours = run_optq(ckpt, prompts, a)
-        rows.append({"checkpoint": ckpt.name, "runtime": "optq", **{k: v for k, v in ours.items() if k != "answers"}})
+        rows.append({"checkpoint": ckpt.name, "runtime": "optq",
+                     **{k: v for k, v in ours.items() if k not in ("answers", "model")}})
         for mode in a.modes:
             theirs = run_vllm(a.vllm_python, ckpt, prompts, mode, a)
             row = {"checkpoint": ckpt.name, "runtime": f"vllm-{mode}",
                    **{k: v for k, v in theirs.items() if k != "answers"}}
             if theirs["loaded"]:
                 row["greedy_vs_optq"] = agreement(ours["answers"], theirs["answers"], eos)
+                row["divergences"] = divergences(ours["model"], prompts, ours["answers"], theirs["answers"], eos)
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(f"\nbatch-1 and batch-{a.batch} decode tokens/s ({a.new} new tokens, {a.dtype}, "
