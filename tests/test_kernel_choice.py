@@ -83,6 +83,12 @@ def test_a_choice_is_remembered_and_not_measured_again():
     assert choice.fastest("op", (3,), ["a", "b"], measuring) == "b"
 
 
+def test_optq_kernels_default_ignores_what_was_remembered(monkeypatch):
+    assert choice.fastest("op", (5,), ["a", "b"], lambda: {"a": timed(12), "b": timed(1)}) == "b"
+    monkeypatch.setenv("OPTQ_KERNELS", "default")
+    assert choice.fastest("op", (5,), ["a", "b"], lambda: {}) == "a"
+
+
 def test_under_torchrun_nothing_is_measured(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
 

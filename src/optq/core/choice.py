@@ -10,7 +10,8 @@ near-ties do not flip between runs. The choice is remembered in a JSON file keye
 (`remember_in`, set by the runtime beside its native build), so every later run on the machine takes the same
 path without timing again: the same bytes run after run (the candidates sum in different orders, so their
 last bits differ; see docs/design.md). Processes under torchrun never measure: they take the remembered choice
-or the default, so that all of them take the same path. OPTQ_KERNELS=default turns measuring off.
+or the default, so that all of them take the same path. OPTQ_KERNELS=default runs the defaults, whatever
+was remembered.
 """
 
 from __future__ import annotations
@@ -95,13 +96,15 @@ def fastest(op: str, shape: tuple, names: list[str], trials: Callable[[], dict[s
     remembered, or measured now on `trials()`, a callable per name that runs it on the run's tensors without
     changing the run's state (called REPEATS + 1 times each; built only when measuring)."""
     key = f"{op} {'x'.join(map(str, shape))}"
+    if os.environ.get("OPTQ_KERNELS") == "default":  # the defaults, whatever was remembered
+        return names[0]
     if key in _chosen and _chosen[key] in names:
         return _chosen[key]
     remembered = _stored().get(key)
     if remembered in names:
         _chosen[key] = remembered
         return remembered
-    if len(names) == 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("OPTQ_KERNELS") == "default":
+    if len(names) == 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # under torchrun every process must take the same path (the bytes must be one process's): measuring in
         # each could disagree, so processes use what a one-process run on the machine remembered, or the default
         _chosen[key] = names[0]
