@@ -35,8 +35,8 @@ class QuantizeConfig:
     # llama.cpp's Q4_0 scale rule in the symmetric grid (see GridSpec.signed_scale): exact in GGUF Q4_0 / Q8_0.
     signed_scale: bool = False
     # GPTAQ asymmetric calibration (GPTQModel calls it "v2"): aim each layer at the float model's outputs. On by
-    # default: 0.69-0.95x the KL of plain GPTQ on every report domain of 3 models, at ~1.8x its time
-    # (BENCHMARKS.md, "Quality by default, continued").
+    # default: 0.69-0.95x the KL of plain GPTQ on every report domain of 3 models, at 1.8x a whole run's time
+    # (2.4x without the calibration's generation; BENCHMARKS.md, "Quality by default, continued").
     gptaq: bool = True
     gptaq_alpha: float = 0.25
     # After GPTQ picks the integers, fit each row's group scales to them by least squares on the layer's
