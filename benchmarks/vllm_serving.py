@@ -105,10 +105,9 @@ def divergences(model, prompts, ours, theirs, eos: set[int]) -> list[dict]:
 
     out = []
     for i, (p, x, y) in enumerate(zip(prompts, ours, theirs)):
-        x, y = [t for t in x if t not in eos], [t for t in y if t not in eos]
+        x, y, n = parting(x, y, eos)
         if x == y:
             continue
-        n = next((k for k, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y)))
         if n >= min(len(x), len(y)):  # one is a prefix of the other (an end-of-turn token taken)
             out.append({"prompt": i, "position": n, "note": "one answer ends earlier"})
             continue
@@ -120,16 +119,17 @@ def divergences(model, prompts, ours, theirs, eos: set[int]) -> list[dict]:
     return out
 
 
+def parting(x: list[int], y: list[int], eos: set[int]) -> tuple[list[int], list[int], int]:
+    """Both answers without stop tokens (vLLM drops the stop token from its output, optq keeps it) and the
+    length of their common prefix."""
+    x, y = [t for t in x if t not in eos], [t for t in y if t not in eos]
+    return x, y, next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y)))
+
+
 def agreement(ours: list[list[int]], theirs: list[list[int]], eos: set[int]) -> dict:
-    def cut(ids):  # vLLM drops the stop token from its output, optq keeps it
-        return [t for t in ids if t not in eos]
-    same = sum(cut(x) == cut(y) for x, y in zip(ours, theirs))
-    prefix = []
-    for x, y in zip(ours, theirs):
-        x, y = cut(x), cut(y)
-        n = next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y)))
-        prefix.append(n)
-    return {"identical": same, "of": len(ours), "median_common_prefix": statistics.median(prefix)}
+    parts = [parting(x, y, eos) for x, y in zip(ours, theirs)]
+    return {"identical": sum(x == y for x, y, _ in parts), "of": len(ours),
+            "median_common_prefix": statistics.median(n for _, _, n in parts)}
 
 
 def main() -> None:
