@@ -229,3 +229,45 @@ def test_chat_answers_are_cached_per_model(chat_model, tmp_path, monkeypatch):
         next(src.model.parameters()).add_(1.0)
     calibration.chat_samples(src.model, src.tokenizer, prompts, answer_tokens=8)
     assert calls and len(list((tmp_path / "cache" / "chat-answers").glob("*.json"))) == 2
+
+
+def test_sampled_text_stays_in_the_nucleus(tinystories_model):
+    """Every sampled token is one of the likeliest tokens holding top_p of the probability at its position
+    (the model's float64 softmax on the sampled text, teacher-forced), never a banned one; seeded."""
+    from optq.generation import sampled_text
+    from optq.models.loading import load_source_model
+
+    src = load_source_model(tinystories_model)
+    start, banned = src.tokenizer.bos_token_id or 1, (src.tokenizer.eos_token_id,)
+    ids = sampled_text(src.model, start, count=4, length=40, seed=3, top_p=0.9, top_k=64, banned=banned)
+    assert ids.shape == (4, 41) and (ids[:, 0] == start).all()
+    assert torch.equal(ids, sampled_text(src.model, start, count=4, length=40, seed=3, top_p=0.9, top_k=64,
+                                         banned=banned))
+    assert not torch.isin(ids[:, 1:], torch.tensor(banned)).any()
+    with torch.no_grad():
+        logits = src.model(ids).logits.double()
+    logits[..., list(banned)] = float("-inf")
+    probs = torch.softmax(logits, dim=-1)[:, :-1]
+    drawn = ids[:, 1:]
+    p_drawn = probs.gather(-1, drawn[..., None])[..., 0]
+    # the mass of tokens strictly likelier than the drawn one is below top_p: it is inside the nucleus
+    above = (probs * (probs > p_drawn[..., None])).sum(-1)
+    assert (above < 0.9 + 1e-4).all()
+    rank = (probs > p_drawn[..., None]).sum(-1)
+    assert (rank < 64).all()
+
+
+def test_own_text_part_of_the_mix_is_cached(chat_model, tmp_path, monkeypatch):
+    import optq.calibration as calibration
+    from optq.models.loading import load_source_model
+
+    monkeypatch.setenv("OPTQ_CACHE", str(tmp_path / "cache"))
+    src = load_source_model(chat_model)
+    windows, counts = mix_windows(src.tokenizer, src.model, 40, 64, seed=0)
+    assert counts["sampled"] >= 8 and len(windows) == 40  # 20% of the windows (more without Django's part)
+    own = windows[-counts["sampled"]:]
+    assert all(w.shape == (1, 64) and w[0, 0] == src.tokenizer.bos_token_id for w in own)
+    assert len(list((tmp_path / "cache" / "sampled-text").glob("*.json"))) == 1
+    monkeypatch.setattr(calibration, "sampled_text", lambda *a, **k: pytest.fail("generated again"))
+    again, _ = mix_windows(src.tokenizer, src.model, 40, 64, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(windows, again))

@@ -20,6 +20,7 @@ from .config import QuantizeConfig
 from .errors import OptqError
 from .formats.gptq import (LOG_FILE, AtomicFolder, checkpoint_tensors, is_quantized_checkpoint, parse_size,
                            write_config_files, write_safetensors)
+from .models.registry import checkpoint_names
 from .models.loading import TOKENIZER_FILES, SourceModel, load_source_model, load_tokenizer, parse_dtype
 from .distributed import Cluster
 from .pipeline import ModuleLog, QuantizedModel, quantize_model
@@ -194,20 +195,17 @@ def _loadable_config(model, config: QuantizeConfig) -> QuantizeConfig:
 
 
 def _generation_model(src: SourceModel, trust_remote_code: bool):
-    """The float model that writes the chat part of the default calibration: the loaded one, or for a streamed
-    source the whole model in bfloat16 when it fits in half the available memory (else None: no chat part)."""
-    from .generation import has_chat_template
-
-    if not has_chat_template(src.tokenizer):
-        return None
+    """The float model that writes the generated parts of the default calibration (its own text, and its chat
+    answers where it has a chat template): the loaded one, or for a streamed source the whole model in bfloat16
+    when it fits in half the available memory (else None: no generated parts)."""
     if not src.is_streamed:
         return src.model
     size = sum(f.stat().st_size for f in src.path.glob("*.safetensors"))
     available = available_memory()
     if available is not None and size > available // 2:
-        log.warning("calibration: the chat samples are left out of the default set (the float model, %.1f GB, "
-                    "does not fit in half the available memory): pass --dataset with chat JSONL ('messages') of "
-                    "your own to calibrate on chat", size / 1e9)
+        log.warning("calibration: the model's own text and chat answers are left out of the default set (the "
+                    "float model, %.1f GB, does not fit in half the available memory): pass --dataset with text "
+                    "(and chat JSONL, 'messages') of your own to calibrate on", size / 1e9)
         return None
     return load_source_model(src.path, "bfloat16", trust_remote_code=trust_remote_code).model
 
@@ -298,7 +296,8 @@ def save_quantized(
     """Write the checkpoint of a model quantized in memory by `quantize_model` (atomically)."""
     folder = out if isinstance(out, AtomicFolder) else AtomicFolder(out, overwrite=overwrite)
     out_dtype = parse_dtype(dtype)
-    tensors = checkpoint_tensors(model.state_dict(), result.modules, out_dtype)
+    tensors = checkpoint_tensors(model.state_dict(), result.modules, out_dtype,
+                                 checkpoint_names(model.config.model_type))
     with folder as tmp:
         write_safetensors(tmp, tensors, parse_size(max_shard_size))
         _write_metadata(tmp, model, result, out_dtype, run)

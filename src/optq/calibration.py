@@ -21,7 +21,7 @@ import torch
 
 from .cache import cache_root
 from .errors import OptqError
-from .generation import chat_ids, greedy_answers, has_chat_template, prompt_ids
+from .generation import chat_ids, greedy_answers, has_chat_template, prompt_ids, sampled_text
 from .texts import CALIBRATION_LANGUAGES, django_available, django_catalog, pydoc_documents, stdlib_code
 
 log = logging.getLogger("optq")
@@ -172,33 +172,51 @@ def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> 
 
 
 # The default calibration set's parts and their shares of the windows, chosen by the quality report
-# (BENCHMARKS.md, "Default calibration"). A part with less text than its share takes what it has in
-# non-overlapping windows and the rest go to prose and code.
-MIX_SHARES = {"prose": 0.35, "code": 0.25, "chat": 0.25, "multilingual": 0.15}
+# (BENCHMARKS.md, "Default calibration" and "The model's own text"). A part with less text than its share
+# takes what it has in non-overlapping windows and the rest go to prose and code.
+MIX_SHARES = {"prose": 0.28, "code": 0.20, "chat": 0.20, "multilingual": 0.12, "sampled": 0.20}
 CHAT_ANSWER_TOKENS = 128
 
 
 def chat_samples(model, tokenizer, prompts, answer_tokens: int = CHAT_ANSWER_TOKENS) -> torch.Tensor:
     """Token ids [1, N] of the prompts and the model's own greedy answers, each in the chat template, joined.
-    The answers are kept in optq's cache per model, prompts and machine: quantizing the same model again (other
-    bits, say) skips the generation and gets the same tokens."""
+    The answers are kept in optq's cache (see `_cached`): quantizing the same model again (other bits, say)
+    skips the generation and gets the same tokens."""
     asked = [prompt_ids(tokenizer, p) for p in prompts]
-    key = _answers_key(model, asked, answer_tokens)
-    cached = cache_root() / "chat-answers" / f"{key}.json"
-    try:
-        answers = json.loads(cached.read_text())
-        log.info("calibration: the model's chat answers from %s", cached)
-    except (OSError, ValueError):
-        answers = greedy_answers(model, tokenizer, asked, answer_tokens, batch=32)
-        _write_atomic(cached, json.dumps(answers))
+    key = _model_key(model, [ids.numpy() for ids in asked], f"answers {answer_tokens}")
+    answers = _cached("chat-answers", key, lambda: greedy_answers(model, tokenizer, asked, answer_tokens, batch=32))
     return torch.cat([torch.cat([q, torch.tensor([a], dtype=torch.long)], dim=1) for q, a in zip(asked, answers)],
                      dim=1)
 
 
-def _answers_key(model, asked: list[torch.Tensor], answer_tokens: int) -> str:
-    """What the greedy answers depend on: the weights (every parameter's name, shape and dtype and a strided
-    sample of its values: enough to tell two checkpoints apart without reading gigabytes twice), the prompts'
-    token ids, the answer length, and the machine (its float kernels decide near-ties)."""
+def own_text(model, tokenizer, count: int, seqlen: int, seed: int) -> list[torch.Tensor]:
+    """`count` windows [1, seqlen] of text the model writes itself from its start-of-document token (see
+    `sampled_text`): text in the model's own distribution, whatever it was trained on, where the built-in
+    parts cover only some domains. Cached like the chat answers."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ends = tuple(sorted({t for t in ([eos] if isinstance(eos, int) else eos or []) + [tokenizer.eos_token_id]
+                         if t is not None and t != start}))
+    key = _model_key(model, [], f"sampled bf16 {start} {ends} {count} {seqlen} {seed}")
+    rows = _cached("sampled-text", key,
+                   lambda: sampled_text(_bfloat16(model), start, count, seqlen - 1, seed, banned=ends).tolist())
+    return [torch.tensor([r], dtype=torch.long) for r in rows]
+
+
+def _bfloat16(model):
+    """The model in bfloat16 for sampling (a copy where it is not): 1.8x float32's speed on the CPUs measured,
+    and sampled text needs no more precision than its own randomness."""
+    if all(p.dtype == torch.bfloat16 for p in model.parameters() if p.is_floating_point()):
+        return model
+    import copy
+
+    return copy.deepcopy(model).to(torch.bfloat16)
+
+
+def _model_key(model, arrays, what: str) -> str:
+    """What a model's generated text depends on: the weights (every parameter's name, shape and dtype and a
+    strided sample of its values: enough to tell two checkpoints apart without reading gigabytes twice), the
+    prompts' token ids, the generation's arguments, and the machine (its float kernels decide near-ties)."""
     from .core.choice import machine_key
 
     h = hashlib.sha256()
@@ -207,20 +225,31 @@ def _answers_key(model, asked: list[torch.Tensor], answer_tokens: int) -> str:
             flat = p.detach().reshape(-1)
             h.update(f"{name} {tuple(p.shape)} {p.dtype}".encode())
             h.update(flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes())
-    for ids in asked:
-        h.update(ids.numpy().astype("int64").tobytes())
-    h.update(f"{answer_tokens} {machine_key()}".encode())
+    for a in arrays:
+        h.update(a.astype("int64").tobytes())
+    h.update(f"{what} {machine_key()}".encode())
     return h.hexdigest()[:24]
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def _cached(kind: str, key: str, generate):
+    """The JSON value `generate()` makes, kept in optq's cache under `kind/key.json` (a read-only or full cache
+    only costs the generation next time)."""
+    path = cache_root() / kind / f"{key}.json"
+    try:
+        value = json.loads(path.read_text())
+        log.info("calibration: %s from %s", kind, path)
+        return value
+    except (OSError, ValueError):
+        pass
+    value = generate()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(text)
+        tmp.write_text(json.dumps(value))
         os.replace(tmp, path)
-    except OSError as e:  # a read-only cache only costs the generation next time
-        log.debug("chat answers not cached: %s", e)
+    except OSError as e:
+        log.debug("%s not cached: %s", kind, e)
+    return value
 
 
 def _mix_counts(nsamples: int, seqlen: int, lengths: dict[str, int]) -> dict[str, int]:
@@ -240,9 +269,10 @@ def _mix_counts(nsamples: int, seqlen: int, lengths: dict[str, int]) -> dict[str
 def mix_windows(tokenizer, model, nsamples: int, seqlen: int, seed: int = 0) -> tuple[list[torch.Tensor], dict]:
     """The default calibration set: windows of Python documentation prose (pydoc, less the topics the report
     holds out), standard-library code (package modules; the report scores the top-level ones), the model's own
-    greedy answers to built-in chat prompts in its chat template (models with one; `model` None skips them),
-    and Italian/Portuguese/Dutch UI text from Django's catalogs (when Django is installed). Returns the windows
-    and how many came from each part."""
+    greedy answers to built-in chat prompts in its chat template (models with one), Italian/Portuguese/Dutch UI
+    text from Django's catalogs (when Django is installed), and text the model writes itself from its
+    start-of-document token. `model` None leaves out the two generated parts. Returns the windows and how many
+    came from each part."""
     from .chat_prompts import CALIBRATION_PROMPTS
 
     streams = {"prose": tokenize_joined(tokenizer, pydoc_documents()),
@@ -252,11 +282,16 @@ def mix_windows(tokenizer, model, nsamples: int, seqlen: int, seed: int = 0) -> 
     if django_available():
         streams["multilingual"] = tokenize_joined(tokenizer, ["\n".join(django_catalog(lang))
                                                               for lang in CALIBRATION_LANGUAGES])
-    counts = _mix_counts(nsamples, seqlen, {k: v.shape[1] for k, v in streams.items()})
+    lengths = {k: v.shape[1] for k, v in streams.items()}
+    if model is not None:
+        lengths["sampled"] = nsamples * seqlen  # written to measure: never short
+    counts = _mix_counts(nsamples, seqlen, lengths)
     windows = []
     for i, (name, ids) in enumerate(streams.items()):
         if counts[name]:
             windows += sample_windows(ids, counts[name], seqlen, seed + i)
+    if counts.get("sampled"):
+        windows += own_text(model, tokenizer, counts["sampled"], seqlen, seed)
     return windows, counts
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from .formats.gptq import SAFETENSORS_METADATA, PlannedTensor, checkpoint_plan, checkpoint_value, packed_layout
 from .formats.safetensors_writer import SafetensorsWriter
 from .models.lazy import SafetensorsSource, materialize, release
-from .models.registry import arch_spec
+from .models.registry import arch_spec, checkpoint_names
 from .pipeline import planned_modules
 from .sysmem import return_freed_memory
 
@@ -36,7 +36,8 @@ class StreamedModel:
         layout = {name: packed_layout(in_f, out_f, mcfg.bits, mcfg.group_size)
                   for name, (in_f, out_f, mcfg) in planned_modules(model, config).items()}
         self.state = model.state_dict(keep_vars=True)  # meta tensors; tied ones are one object
-        self.plan: list[PlannedTensor] = checkpoint_plan(self.state, layout, dtype)
+        self.names = checkpoint_names(model.config.model_type)
+        self.plan: list[PlannedTensor] = checkpoint_plan(self.state, layout, dtype, self.names)
         self.writer = SafetensorsWriter(folder, [p.spec for p in self.plan], max_shard_size, SAFETENSORS_METADATA) \
             if folder is not None else None
 
@@ -83,7 +84,7 @@ class StreamedModel:
 
     def emit(self, module_name: str, tensors: dict[str, torch.Tensor]) -> None:
         for leaf, t in tensors.items() if self.writer is not None else ():
-            self.writer.write(f"{module_name}.{leaf}", t)
+            self.writer.write(self.names.to_checkpoint(f"{module_name}.{leaf}"), t)
 
     def finish_layer(self, layer: nn.Module, prefix: str) -> None:
         """Write the layer's float tensors (norms, biases) from the source, then free the layer."""

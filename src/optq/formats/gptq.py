@@ -11,7 +11,7 @@ import os
 import re
 import shutil
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,6 +23,7 @@ from ..config import QuantizeConfig
 from ..core.grid import QuantizedWeight
 from ..core.packing import pack, pack_cols, packable, unpack, unpack_cols
 from ..errors import OptqError
+from ..models.registry import CheckpointNames, checkpoint_names
 from . import compressed_tensors
 from .safetensors_reader import SafetensorsFiles
 from .safetensors_writer import INDEX_FILE, SINGLE_FILE, TensorSpec, write_tensors
@@ -196,7 +197,7 @@ class CheckpointInfo:
     quant: QuantizeConfig
     quant_raw: dict[str, Any]
     weight_files: list[Path]
-    tensor_files: dict[str, Path]  # tensor name -> file
+    tensor_files: dict[str, Path]  # tensor name (as the model names it: see CheckpointNames) -> file
     source: str = "gptq"  # how the quantized modules are stored: "gptq" or "compressed-tensors"
 
 
@@ -241,6 +242,7 @@ def open_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
     source = compressed_tensors.QUANT_METHOD if compressed_tensors.is_compressed_tensors(quant_raw) else "gptq"
     quant = QuantizeConfig.from_hf(quant_raw) if source == "gptq" else None
     files = _weight_files(path, quant_raw)
+    names = checkpoint_names(config.get("model_type"))
     tensor_files: dict[str, Path] = {}
     for f in files:
         if not f.is_file():
@@ -248,7 +250,7 @@ def open_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
         try:
             with safe_open(str(f), framework="pt") as sf:
                 for k in sf.keys():
-                    tensor_files[k] = f
+                    tensor_files[names.to_model(k)] = f
         except Exception as e:  # safetensors raises its own error types for bad headers
             raise OptqError(f"{f} is not a valid safetensors file ({e}): the file is truncated or corrupt") from None
     if quant is None:
@@ -294,13 +296,15 @@ def iter_tensors(info: CheckpointInfo, shapes: dict[str, tuple[int, int]]) -> It
     """(name, tensor) of every tensor of the checkpoint, file by file; the quantized modules (`shapes`: name ->
     (in, out) features) as GPTQ tensors, whatever format the checkpoint stores them in."""
 
+    names = checkpoint_names(info.config.get("model_type"))
+
     def raw() -> Iterator[tuple[str, torch.Tensor]]:
         # pread, not safe_open's memory map: its pages stayed resident (13.6 GB to load an 8B checkpoint)
         for file in info.weight_files:
             files = SafetensorsFiles([file])
             try:
                 for key in files.names():
-                    yield key, files.read(key)
+                    yield names.to_model(key), files.read(key)
             finally:
                 files.close()
 
@@ -333,12 +337,20 @@ def packed_layout(in_features: int, out_features: int, bits: int, group_size: in
     return {leaf: (QUANT_DTYPES[leaf], shapes[leaf]) for leaf in QUANT_TENSORS}
 
 
-def checkpoint_plan(state: dict[str, torch.Tensor], quantized: dict[str, dict[str, tuple]], dtype: torch.dtype) \
-        -> list[PlannedTensor]:
+def checkpoint_plan(state: dict[str, torch.Tensor], quantized: dict[str, dict[str, tuple]], dtype: torch.dtype,
+                    names: CheckpointNames | None = None) -> list[PlannedTensor]:
     """The checkpoint's tensors in state-dict order: each quantized module's `.weight` becomes its packed
     tensors (`quantized`: module -> leaf -> (dtype, shape)), its bias float16; tied duplicates are dropped
     (the state dict may hold meta tensors, taken with keep_vars=True so that tied ones are one object);
-    other float tensors are cast to `dtype`."""
+    other float tensors are cast to `dtype`. Tensors are named as `names` (the architecture's published
+    checkpoints) names them."""
+    out = _checkpoint_plan(state, quantized, dtype)
+    if names is None:
+        return out
+    return [replace(p, spec=replace(p.spec, name=names.to_checkpoint(p.spec.name))) for p in out]
+
+
+def _checkpoint_plan(state, quantized, dtype) -> list[PlannedTensor]:
     out: list[PlannedTensor] = []
     seen: set = set()
     for key, t in state.items():
@@ -373,12 +385,13 @@ def checkpoint_value(p: PlannedTensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def checkpoint_tensors(
-    state_dict: dict[str, torch.Tensor], packed: dict[str, dict[str, torch.Tensor]], dtype: torch.dtype
+    state_dict: dict[str, torch.Tensor], packed: dict[str, dict[str, torch.Tensor]], dtype: torch.dtype,
+    names: CheckpointNames | None = None,
 ) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors (see `checkpoint_plan`) of a model held in memory."""
     quantized = {m: {leaf: (t.dtype, tuple(t.shape)) for leaf, t in ts.items()} for m, ts in packed.items()}
     return {p.spec.name: packed[p.module][p.spec.name.rpartition(".")[2]] if p.module
-            else checkpoint_value(p, state_dict[p.key]) for p in checkpoint_plan(state_dict, quantized, dtype)}
+            else checkpoint_value(p, state_dict[p.key]) for p in checkpoint_plan(state_dict, quantized, dtype, names)}
 
 
 def write_config_files(folder: Path, model_config: dict[str, Any], quant_config: dict[str, Any],

@@ -12,6 +12,8 @@ from torch import nn
 from ..errors import OptqError
 from ..formats.safetensors_reader import SafetensorsFiles, UnreadableDtype
 from ..formats.safetensors_writer import INDEX_FILE
+from .moe import unfuse_experts
+from .registry import checkpoint_names
 
 
 class StreamingUnsupported(OptqError):
@@ -53,8 +55,10 @@ class SafetensorsSource:
         prefix = getattr(model, "base_model_prefix", "") or ""
         state = model.state_dict(keep_vars=True)
 
+        published = checkpoint_names(getattr(model.config, "model_type", None))
+
         def in_files(key: str) -> str | None:
-            candidates = [key]
+            candidates = [key, published.to_checkpoint(key)]  # Mixtral's files say block_sparse_moe for mlp
             if prefix and key.startswith(prefix + "."):
                 candidates.append(key[len(prefix) + 1:])
             return next((c for c in candidates if c in self.files), None)
@@ -104,6 +108,7 @@ def build_skeleton(folder: Path, dtype: torch.dtype, trust_remote_code: bool = F
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     model.tie_weights()  # from_config leaves tying to the weight load; tied tensors must be one object here
+    unfuse_experts(model)  # named as the checkpoint names an MoE layer's experts (one module each)
     model.eval()
     return model
 

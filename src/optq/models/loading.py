@@ -11,6 +11,7 @@ import torch
 
 from ..core.hardware import native_bf16
 from ..errors import OptqError
+from .moe import unfuse_experts
 from .registry import arch_spec
 
 # Files copied from a source folder into a checkpoint.
@@ -144,6 +145,7 @@ def load_source_model(
         if hasattr(m.config, "quantization_config"):
             del m.config.quantization_config
         m.to(torch_dtype)
+    unfuse_experts(m)  # an MoE layer's experts as modules of their own: GPTQ solves them one by one
     m.eval()
     tok = load_tokenizer(path, is_gguf, trust_remote_code)
     return SourceModel(model=m, tokenizer=tok, path=path, is_gguf=is_gguf)

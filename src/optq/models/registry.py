@@ -2,10 +2,14 @@
 
 A sequential group is a list of modules that read the same input (so they share one Hessian); groups are
 quantized in order, so later groups see the outputs of already-quantized earlier ones (true-sequential).
+In a group's names, `*` stands for every index of a ModuleList (a mixture-of-experts layer's experts, see
+`models.moe`; none where the list is absent) and a trailing `?` marks a module some layers lack (the dense MLP
+of a sparse model's dense layers): `layer_groups` resolves both for one layer.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -20,11 +24,29 @@ _LLAMA_GROUPS = (
 )
 
 
+_ATTENTION = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",))
+
+
+def _moe_groups(gate: str, up: str, down: str, shared: str | None = None) -> tuple[tuple[str, ...], ...]:
+    """Attention, then the experts' gate/up (each expert's pair reads the tokens routed to it), then their
+    down; a shared expert with them; the dense MLP of layers without experts, where a model has such layers."""
+    shared_in = (f"mlp.{shared}.gate_proj", f"mlp.{shared}.up_proj") if shared else ()
+    shared_out = (f"mlp.{shared}.down_proj",) if shared else ()
+    return _ATTENTION + (
+        (f"mlp.experts.*.{gate}", f"mlp.experts.*.{up}", *shared_in, "mlp.gate_proj?", "mlp.up_proj?"),
+        (f"mlp.experts.*.{down}", *shared_out, "mlp.down_proj?"),
+    )
+
+
 @dataclass(frozen=True)
 class ArchSpec:
     layers: str  # dotted path from the CausalLM to the ModuleList of decoder layers
     groups: tuple[tuple[str, ...], ...]
     final_norm: str = "model.norm"  # what turns the last layer's output into the output projection's input
+    # (module name infix, checkpoint name infix) after a layer's prefix: where published checkpoints name a
+    # module otherwise than Transformers' module tree (Mixtral's `block_sparse_moe`, which Transformers 5
+    # renames `mlp`); see CheckpointNames
+    checkpoint_names: tuple[tuple[str, str], ...] = ()
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -35,6 +57,11 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gemma": ArchSpec("model.layers", _LLAMA_GROUPS),
     "gemma2": ArchSpec("model.layers", _LLAMA_GROUPS),
     "gemma3_text": ArchSpec("model.layers", _LLAMA_GROUPS),
+    "qwen2_moe": ArchSpec("model.layers", _moe_groups("gate_proj", "up_proj", "down_proj", shared="shared_expert")),
+    "qwen3_moe": ArchSpec("model.layers", _moe_groups("gate_proj", "up_proj", "down_proj")),
+    "olmoe": ArchSpec("model.layers", _moe_groups("gate_proj", "up_proj", "down_proj")),
+    "mixtral": ArchSpec("model.layers", _moe_groups("w1", "w3", "w2"),
+                        checkpoint_names=((".mlp.", ".block_sparse_moe."),)),
     "phi3": ArchSpec(
         "model.layers",
         (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
@@ -66,6 +93,61 @@ def arch_spec(model_type: str) -> ArchSpec:
         raise OptqError(
             f"architecture {model_type!r} is not supported; supported model types: {', '.join(sorted(ARCHITECTURES))}"
         ) from None
+
+
+class CheckpointNames:
+    """Module tensor names <-> the names a published checkpoint of the architecture uses (ArchSpec's
+    checkpoint_names, applied under the decoder layers' prefix): identity for most architectures."""
+
+    def __init__(self, spec: ArchSpec | None):
+        pairs = spec.checkpoint_names if spec is not None else ()
+        prefix = re.escape(spec.layers) + r"\.\d+" if spec is not None else ""
+        self._out = [(re.compile(f"^({prefix}){re.escape(a)}"), b) for a, b in pairs]
+        self._in = [(re.compile(f"^({prefix}){re.escape(b)}"), a) for a, b in pairs]
+
+    @staticmethod
+    def _apply(rules, name: str) -> str:
+        for pattern, infix in rules:
+            name = pattern.sub(lambda m: m.group(1) + infix, name, count=1)
+        return name
+
+    def to_checkpoint(self, name: str) -> str:
+        return self._apply(self._out, name)
+
+    def to_model(self, name: str) -> str:
+        return self._apply(self._in, name)
+
+
+def checkpoint_names(model_type: str | None) -> CheckpointNames:
+    return CheckpointNames(ARCHITECTURES.get(model_type or ""))
+
+
+def layer_groups(groups: tuple[tuple[str, ...], ...], layer: torch.nn.Module) -> tuple[tuple[str, ...], ...]:
+    """`groups` with `*` and `?` resolved for this layer (see module docs); groups left empty are dropped."""
+    resolved = []
+    for group in groups:
+        names = []
+        for name in group:
+            if name.endswith("?"):
+                if _has_submodule(layer, name[:-1]):
+                    names.append(name[:-1])
+            elif "*" in name:
+                head, _, tail = name.partition(".*.")
+                if _has_submodule(layer, head):
+                    names += [f"{head}.{i}.{tail}" for i in range(len(layer.get_submodule(head)))]
+            else:
+                names.append(name)
+        if names:
+            resolved.append(tuple(names))
+    return tuple(resolved)
+
+
+def _has_submodule(root: torch.nn.Module, path: str) -> bool:
+    try:
+        root.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
 
 
 def get_submodule(root: torch.nn.Module, path: str) -> torch.nn.Module:

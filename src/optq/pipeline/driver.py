@@ -22,6 +22,7 @@ from ..distributed import Cluster, ShardedHessians, shard_plan, share_solution
 from ..settings import HESSIAN_SHARDS
 from ..errors import OptqError
 from ..formats.gptq import pack_module
+from ..models.moe import is_routed
 from ..models.registry import arch_spec, get_submodule
 from ..resume import RunState, fault_point
 from ..runtime import native
@@ -35,7 +36,7 @@ from .linears import _is_conv1d, linear_shape, linear_weight, set_linear_weight
 from .plan import _module_plan, _output_projection, _untie
 from .records import ModuleLog, QuantizedModel
 from .replay import _BlockReplay, _DeadModuleSkip, _replay_candidates
-from .solve import RTN_GUARD_MIN_WINDOWS, _guard, _solve_module
+from .solve import RTN_GUARD_MIN_WINDOWS, _guard, _solve_module, few_tokens
 
 log = logging.getLogger("optq")
 
@@ -105,6 +106,7 @@ class _Calibration:
     float_inputs: LayerInputs | None
     rounds: list[range]  # this process's windows, one range per Hessian shard
     held_round: range  # the held-out windows (empty without the guard)
+    tokens: int  # the calibration tokens of every process (held-out ones not counted)
 
     @property
     def asymmetric(self) -> bool:
@@ -139,7 +141,8 @@ def _capture(model, layers, layers_path, spec, windows, config, guard, cluster, 
                                     _CaptureStore([w.shape[-1] for w in windows], spill, SpillFiles(spill_dir)))
     inputs = LayerInputs(captured.hidden, captured.extras)
     float_inputs = LayerInputs(inputs.hidden.alias(), captured.extras) if asymmetric else None
-    return _Calibration(inputs, float_inputs, shards.rounds, range(len(shards.windows), len(windows)))
+    return _Calibration(inputs, float_inputs, shards.rounds, range(len(shards.windows), len(windows)),
+                        sum(w.shape[-1] for w in calibration))
 
 
 def quantize_model(
@@ -223,6 +226,7 @@ class _LayerRun:
         self.cluster, self.state, self.allow_rtn_fallback, self.on_module = cluster, state, allow_rtn_fallback, on_module
         self.rows: list[ModuleLog] = []
         self.left_float: dict[str, str] = {}
+        self._routing_logged: set[int] = set()
 
     def layer(self, index: int) -> None:
         prefix = f"{self.spec.layers}.{index}"
@@ -302,10 +306,12 @@ class _LayerRun:
         return accs, held
 
     def _solve_group(self, index, members, layer, work, accs, held, solved, solved_rows) -> None:
+        self._routing_statistics(index, members, accs)
         for position, (loc, full, mcfg) in enumerate(members):
             t0 = time.perf_counter()
             module = get_submodule(layer, loc)
             acc = accs.pop(loc, None)
+            rounded = few_tokens(acc, self.cal.tokens) if self.cal is not None and is_routed(loc) else ""
             # with several processes, module i of the group is solved on rank i % world and shared
             owner = position % self.cluster.world if self.cluster is not None and self.cal is not None else None
             result = None
@@ -315,14 +321,14 @@ class _LayerRun:
                     raise OptqError(f"layer {index} module {full}: the weight holds NaN or Inf")
                 result = _solve_module(w, acc, mcfg, f"layer {index} module {full}", self.allow_rtn_fallback,
                                        not any(a is acc for a in accs.values()),
-                                       reload=lambda: self.source.weight(module, full))
+                                       reload=lambda: self.source.weight(module, full), rounded=rounded)
                 del w
             if owner is not None:
                 result = share_solution(self.cluster, owner, result, *linear_shape(module), mcfg.bits,
                                         mcfg.group_size)
             qw, loss, damp, note = result
             del result
-            if loc in held and mcfg.method == "gptq":
+            if loc in held and mcfg.method == "gptq" and not rounded:
                 qw, note = _guard(self.source.weight(module, full), qw, held[loc], note)
             return_freed_memory()  # the solve's d x d temporaries: give them back before the next module
             deq = qw.dequantize()
@@ -340,6 +346,22 @@ class _LayerRun:
             fault_point(f"module:{index}")
         accs.clear()
         held.clear()
+
+    def _routing_statistics(self, index: int, members, accs) -> None:
+        """Tokens per expert (min / median / max) of a group of MoE experts' linears, in the log."""
+        routed = {}
+        for loc, _, _ in members:
+            if is_routed(loc):
+                acc = accs.get(loc)
+                routed[loc.rpartition(".")[0]] = acc.tokens if acc is not None else 0
+        if not routed or self.cal is None or index in self._routing_logged:
+            return
+        self._routing_logged.add(index)  # once a layer: its down projections see the same routing
+        counts = sorted(routed.values())
+        rounded = sum(1 for loc, _, _ in members if is_routed(loc) and few_tokens(accs.get(loc), self.cal.tokens))
+        log.info("layer %d: %d experts, calibration tokens per expert min %d / median %d / max %d; %d of its "
+                 "expert linears rounded to nearest (too few tokens)", index, len(counts), counts[0],
+                 counts[len(counts) // 2], counts[-1], rounded)
 
     def _log(self, entry: ModuleLog) -> None:
         self.rows.append(entry)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..core.hessian import HessianAccumulator
+from ..models.moe import is_routed
 from ..distributed import ShardedHessians
 from . import replay
 from .activations import HiddenStates, LayerInputs
@@ -43,7 +44,9 @@ class _GroupCollector:
             x = args[0]
             if name in self.keep:
                 self.keep[name][self.window] = x
-            x_ref = self._reference.get(name) if self.asymmetric else None
+            # an expert's float-model input would be other tokens (the float router routes differently): its
+            # cross term is left zero, i.e. plain GPTQ for experts (see docs/design.md, "Mixture of experts")
+            x_ref = self._reference.get(name, x) if self.asymmetric else None
             shared = next((a for t, a in self._inputs if t is x), None)
             if name not in self.acc:
                 if shared is None:
@@ -70,6 +73,7 @@ class _GroupCollector:
         windows of one calibration shard) `hessians` takes the shard's sums. When asymmetric,
         `reference_layer` (the float layer) run on `reference_inputs` (the float model's hidden states) gives
         each module's reference inputs."""
+        dense = [n for n in self.modules if not is_routed(n)]
         dead = _DeadModuleSkip(layer, replays)
         try:
             with torch.no_grad():
@@ -79,9 +83,8 @@ class _GroupCollector:
                         self.window = j
                         for r in replays:
                             r.window = j
-                        if self.asymmetric:
-                            self._reference = _module_inputs(reference_layer, list(self.modules),
-                                                             reference_inputs[j])
+                        if self.asymmetric and dense:
+                            self._reference = _module_inputs(reference_layer, dense, reference_inputs[j])
                         self._seen.clear()
                         self._inputs.clear()
                         stopped = False

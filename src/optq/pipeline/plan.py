@@ -9,7 +9,7 @@ from torch import nn
 from ..config import QuantizeConfig
 from ..errors import OptqError
 from ..formats.gptq import module_packable
-from ..models.registry import arch_spec, get_submodule
+from ..models.registry import arch_spec, get_submodule, layer_groups
 from .linears import linear_shape
 from .records import ModuleLog
 
@@ -18,7 +18,8 @@ log = logging.getLogger("optq")
 def _module_plan(layer: nn.Module, prefix: str, spec_groups, config: QuantizeConfig, rows: list[ModuleLog], index: int,
                  quiet: bool = False):
     """Groups of (local name, full name, module config) to quantize; modules left in float are logged."""
-    groups = spec_groups if config.true_sequential else (tuple(n for g in spec_groups for n in g),)
+    groups = layer_groups(spec_groups, layer)
+    groups = groups if config.true_sequential else (tuple(n for g in groups for n in g),)
     plan = []
     skipped = {}
     for group in groups:

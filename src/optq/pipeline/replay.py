@@ -7,6 +7,7 @@ import logging
 import torch
 from torch import nn
 
+from ..models.moe import is_routed
 from ..models.registry import get_submodule
 from .activations import HiddenStates
 from .records import _StopForward
@@ -207,7 +208,7 @@ def _replay_candidates(groups: list) -> dict[int, tuple[str, str]]:
     for gi, members in enumerate(groups):
         for loc, _, _ in members:
             block, _, leaf = loc.rpartition(".")
-            if not block:
+            if not block or is_routed(loc):  # an expert's input is its routed tokens, not the block's
                 continue
             in_block = [m for m, _, _ in members if m.rpartition(".")[0] == block]
             later = [m for g in groups[gi + 1:] for m, _, _ in g if m.rpartition(".")[0] == block]

@@ -42,14 +42,32 @@ def _solve_one(
     return res.weight, res.loss, res.damp_percent, note
 
 
+# An MoE expert that fewer than this share of a layer's calibration tokens reach is rounded to nearest: a
+# Hessian of a few dozen tokens fits them, not the expert's inputs (GPTQModel's threshold is the same 0.5%).
+MIN_EXPERT_TOKEN_SHARE = 0.005
+
+
+def few_tokens(acc: HessianAccumulator | None, layer_tokens: int) -> str:
+    """Why an expert's linear is rounded instead of solved ("" when it has tokens enough)."""
+    tokens = acc.tokens if acc is not None else 0
+    least = MIN_EXPERT_TOKEN_SHARE * layer_tokens
+    if tokens >= least:
+        return ""
+    return f"{tokens} calibration tokens routed to this expert, fewer than {least:.0f} (0.5% of the layer's)"
+
+
 def _solve_module(
     w, acc: HessianAccumulator | None, mcfg: QuantizeConfig, where: str, allow_rtn_fallback: bool,
-    last_user: bool = True, reload=None,
+    last_user: bool = True, reload=None, rounded: str = "",
 ) -> tuple[QuantizedWeight, float, float, str]:
     """(weight, loss, damp, log note) for one module. A module GPTQ cannot solve (no calibration tokens
-    reached it, as happens to an MoE expert no token is routed to, or a Hessian no damping makes positive
-    definite) is an error, or with `allow_rtn_fallback` is rounded to nearest and says so in its note.
-    An `Owned` w is given up to the solver (one weight copy fewer); `reload` then gives it again for RTN."""
+    reached it, or a Hessian no damping makes positive definite) is an error, or with `allow_rtn_fallback` is
+    rounded to nearest and says so in its note. `rounded` (an MoE expert too few tokens reach: `few_tokens`)
+    rounds it to nearest whatever the flag, with that note. An `Owned` w is given up to the solver (one weight
+    copy fewer); `reload` then gives it again for RTN."""
+    if rounded and mcfg.method == "gptq":
+        w = w.take() if isinstance(w, Owned) else w
+        return rtn_quantize(w, mcfg.grid(), mcfg.group_size), 0.0, 0.0, f"{RTN_FALLBACK}: {rounded}"
     if mcfg.method == "rtn" or acc is None:
         return _solve_one(w, None, mcfg)
     if acc.tokens == 0:

@@ -12,6 +12,7 @@ from ..errors import OptqError
 from ..formats.gptq import QUANT_DTYPES as _QUANT_DTYPES
 from ..formats.gptq import CheckpointInfo, expected_shapes, iter_tensors, open_checkpoint, quantized_module_names
 from ..models.loading import parse_dtype
+from ..models.moe import unfuse_experts
 from ..sysmem import return_freed_memory
 from .attention import use_decode_attention
 from .quant_linear import QuantLinear
@@ -38,6 +39,7 @@ def _build_skeleton(info: CheckpointInfo, dtype: torch.dtype, trust_remote_code:
     except Exception as e:  # noqa: BLE001
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise OptqError(f"{info.path}/config.json cannot describe a {model_type!r} model: {first}") from None
+    unfuse_experts(model)  # a checkpoint stores an MoE layer's experts one by one, as optq quantizes them
     return model
 
 
@@ -76,11 +78,12 @@ def replace_linears(model: nn.Module, quant) -> dict[str, QuantLinear]:
     """QuantLinear placeholders for every linear a GPTQ checkpoint of this architecture quantizes under `quant`
     (a QuantizeConfig): the decoder layers' linears the registry names, less those `dynamic` leaves in float,
     and the output projection when `quant.lm_head`. For loaders that fill the tensors by name (Transformers)."""
-    from ..models.registry import arch_spec
+    from ..models.registry import arch_spec, layer_groups
 
     spec = arch_spec(model.config.model_type)
-    names = [f"{spec.layers}.{i}.{loc}" for i in range(len(model.get_submodule(spec.layers)))
-             for group in spec.groups for loc in group]
+    layers = model.get_submodule(spec.layers)
+    names = [f"{spec.layers}.{i}.{loc}" for i, layer in enumerate(layers)
+             for group in layer_groups(spec.groups, layer) for loc in group]
     if quant.lm_head:
         head = model.get_output_embeddings()
         names.append(next(n for n, m in model.named_modules() if m is head))
