@@ -302,6 +302,31 @@ def test_gptaq_pipeline(tinystories_model, tinystories_text, tmp_path):
     assert torch.isfinite(model(torch.tensor([[1, 2, 3, 4]])).logits).all()
 
 
+def test_gptaq_float_reference_kept_or_recomputed_gives_the_same_bytes(tinystories_model, tinystories_text,
+                                                                      tmp_path, monkeypatch):
+    """GPTAQ's float layer runs once per window with its later groups' inputs and output kept, or (no memory
+    budget) as far as each group needs and again for the output: the same values, the same checkpoint."""
+    import optq.pipeline.hessians as hessians
+
+    forwards = []
+    real = hessians.FloatReference._forward
+    monkeypatch.setattr(hessians.FloatReference, "_forward", lambda self, j: forwards.append(j) or real(self, j))
+    _quantize(tinystories_model, tmp_path / "kept", tinystories_text, desc_act=True)
+    assert forwards  # the kept path ran
+    real_init = hessians.FloatReference.__init__
+
+    def no_budget(self, *args):
+        real_init(self, *args)
+        self.keep = False
+
+    monkeypatch.setattr(hessians.FloatReference, "__init__", no_budget)
+    forwards.clear()
+    _quantize(tinystories_model, tmp_path / "recomputed", tinystories_text, desc_act=True)
+    assert not forwards
+    assert (tmp_path / "kept" / "model.safetensors").read_bytes() == \
+        (tmp_path / "recomputed" / "model.safetensors").read_bytes()
+
+
 def test_lm_head_quantized_and_untied(tinystories_model, tinystories_text, tmp_path):
     src, tok = load_any(tinystories_model, "float32")
     emb = src.get_input_embeddings().weight.detach().clone()

@@ -27,11 +27,11 @@ from ..models.registry import arch_spec, get_submodule
 from ..resume import RunState, fault_point
 from ..runtime import native
 from ..runtime.attention import native_causal_attention
-from ..sysmem import MAPPED_TEMPORARIES, map_large_allocations, return_freed_memory
+from ..sysmem import MAPPED_TEMPORARIES, available_memory, map_large_allocations, return_freed_memory
 from . import replay, solve
 from .activations import LayerInputs, SpillFiles
 from .capture import _CaptureStore, _layer_output, capture_layer_inputs
-from .hessians import _GroupCollector
+from .hessians import FloatReference, _GroupCollector
 from .linears import _is_conv1d, linear_shape, linear_weight, set_linear_weight
 from .plan import _module_plan, _output_projection, _untie
 from .records import ModuleLog, QuantizedModel
@@ -107,6 +107,7 @@ class _Calibration:
     rounds: list[range]  # this process's windows, one range per Hessian shard
     held_round: range  # the held-out windows (empty without the guard)
     tokens: int  # the calibration tokens of every process (held-out ones not counted)
+    reference_budget: int = 0  # bytes GPTAQ's float reference may keep (see hessians.FloatReference)
 
     @property
     def asymmetric(self) -> bool:
@@ -130,8 +131,10 @@ def _capture(model, layers, layers_path, spec, windows, config, guard, cluster, 
     windows = [calibration[i] for i in shards.windows] + held_out
     tokens = sum(w.shape[-1] for w in windows)
 
+    planned = {"need": 0}
+
     def spill(width: int, item: int) -> bool:
-        need = tokens * item * (width * (2 if asymmetric else 1) + replay_widths)
+        need = planned["need"] = tokens * item * (width * (2 if asymmetric else 1) + replay_widths)
         if max_activation_memory is None or need <= max_activation_memory:
             return False
         log.info("calibration activations (%.0f MB per layer) spill to a file in %s", need / 1e6, spill_dir)
@@ -139,10 +142,14 @@ def _capture(model, layers, layers_path, spec, windows, config, guard, cluster, 
 
     captured = capture_layer_inputs(model, layers, windows, device, compute_dtype,
                                     _CaptureStore([w.shape[-1] for w in windows], spill, SpillFiles(spill_dir)))
+    # what the activation budget leaves (a quarter of the free memory without one) for GPTAQ's float reference
+    free = available_memory()
+    budget = (max_activation_memory - planned["need"] if max_activation_memory is not None
+              else (free // 4 if free is not None else 0))
     inputs = LayerInputs(captured.hidden, captured.extras)
     float_inputs = LayerInputs(inputs.hidden.alias(), captured.extras) if asymmetric else None
     return _Calibration(inputs, float_inputs, shards.rounds, range(len(shards.windows), len(windows)),
-                        sum(w.shape[-1] for w in calibration))
+                        sum(w.shape[-1] for w in calibration), max(0, budget) if asymmetric else 0)
 
 
 def quantize_model(
@@ -233,7 +240,18 @@ class _LayerRun:
         layer, work = self.source.load(index, prefix)
         plan, skipped = _module_plan(layer, prefix, self.spec.groups, self.config, self.rows, index)
         self.left_float.update(skipped)
-        float_layer = copy.deepcopy(work) if self.cal is not None and self.cal.asymmetric else None
+        reference = None
+        if self.cal is not None and self.cal.asymmetric:
+            dense = [(loc, linear_shape(get_submodule(work, loc))[0]) for members in plan for loc, _, _ in members
+                     if not is_routed(loc)]
+            widths = {}  # each later group's distinct input width (q/k/v read one tensor), and the output's
+            for members in plan[1:]:
+                first = next((loc for loc, _, _ in members if not is_routed(loc)), None)
+                if first is not None:
+                    widths[first] = linear_shape(get_submodule(work, first))[0]
+            reference = FloatReference(copy.deepcopy(work), self.cal.float_inputs, [loc for loc, _ in dense],
+                                       [*widths.values(), self.cal.inputs.hidden.shapes[0][-1]],
+                                       self.cal.reference_budget)
         saved = self.state.load(index) if self.state is not None else None
         if saved is not None:
             self._restore(saved, plan, layer, work)
@@ -247,7 +265,7 @@ class _LayerRun:
             if gi in candidates:
                 block, loc = candidates[gi]
                 keep[loc] = self.cal.inputs.hidden.empty_like(last_dim=linear_shape(get_submodule(work, loc))[0])
-            accs, held = self._hessians(members, work, float_layer, replays, keep)
+            accs, held = self._hessians(members, work, reference, replays, keep)
             self._solve_group(index, members, layer, work, accs, held, solved, solved_rows)
             if keep:  # the block is final from here on: later passes replay it
                 block, loc = candidates[gi]
@@ -260,11 +278,11 @@ class _LayerRun:
             fault_point(f"layer:{index}")
         del solved
         if self.cal is not None:
-            self._propagate(index, work, float_layer, replays)
+            self._propagate(index, work, reference, replays)
         for r in replays:
             r.remove()
             r.kept.recycle()
-        del replays, float_layer
+        del replays, reference
         self.source.finish(index, layer, prefix)
         del work, layer
         return_freed_memory()
@@ -281,7 +299,7 @@ class _LayerRun:
                 self.source.emit(full, weights[full], mcfg)
         self.rows.extend(ModuleLog(**r) for r in saved_rows)
 
-    def _hessians(self, members, work: nn.Module, float_layer, replays, keep):
+    def _hessians(self, members, work: nn.Module, reference, replays, keep):
         """Each module's Hessian accumulator over this process's windows (and over the held-out ones for the
         guard); a module the forward never reached (an MoE expert no token was routed to) gets an empty one."""
         if self.cal is None:
@@ -295,11 +313,11 @@ class _LayerRun:
         try:
             accs = collector.run(work, cal.inputs, cal.rounds,
                                  ShardedHessians(names, columns, device, cal.asymmetric, self.cluster),
-                                 float_layer, cal.float_inputs, replays)
+                                 reference, replays)
             if len(cal.held_round):
                 held = collector.run(work, cal.inputs, [cal.held_round],
                                      ShardedHessians(names, columns, device, cal.asymmetric),
-                                     float_layer, cal.float_inputs, replays)
+                                     reference, replays)
         finally:
             collector.remove()
         return_freed_memory()  # the forward passes' temporaries, before the solves' d x d matrices
@@ -368,7 +386,7 @@ class _LayerRun:
         if self.on_module:
             self.on_module(entry)
 
-    def _propagate(self, index: int, work: nn.Module, float_layer, replays) -> None:
+    def _propagate(self, index: int, work: nn.Module, reference, replays) -> None:
         """Each window's outputs of the finished layer replace its inputs (one store); GPTAQ's float stream
         goes through the float layer."""
         inputs = self.cal.inputs
@@ -386,10 +404,10 @@ class _LayerRun:
                     del out
         finally:
             dead.remove()
-        if float_layer is not None:
+        if reference is not None:
             with torch.no_grad():
-                for j, (hidden, args, kwargs) in enumerate(self.cal.float_inputs):
-                    self.cal.float_inputs.hidden[j] = _layer_output(float_layer(hidden, *args, **kwargs))
+                for j in range(len(self.cal.float_inputs)):
+                    self.cal.float_inputs.hidden[j] = reference.output(j)
 
     def head(self, model: nn.Module) -> None:
         """The output projection (--lm-head), after the last layer: its Hessian from the final norm applied to

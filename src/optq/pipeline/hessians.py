@@ -2,17 +2,68 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from ..core.hessian import HessianAccumulator
-from ..models.moe import is_routed
 from ..distributed import ShardedHessians
+from ..models.moe import is_routed
+from ..models.registry import get_submodule
 from . import replay
 from .activations import HiddenStates, LayerInputs
+from .capture import _layer_output
 from .linears import linear_shape
 from .records import _StopForward
 from .replay import _BlockReplay, _DeadModuleSkip, _module_inputs
+
+
+class FloatReference:
+    """GPTAQ's float layer on the float stream: each module's reference input (the float model's input to it)
+    and the layer's float output, per window.
+
+    Each sequential group needs its modules' reference inputs and the next layer needs the output; run for each
+    separately, the float layer's attention is recomputed for every later group and the whole layer again for
+    the output (~2.4x one forward for a Llama layer). With a memory budget for it, one forward per window keeps
+    every later group's reference inputs and the output until asked for (same values: the same layer on the
+    same inputs); past the budget, each request runs the layer as far as it needs."""
+
+    def __init__(self, layer: nn.Module, inputs: LayerInputs, names: list[str], widths: list[int],
+                 budget: int):
+        self.layer, self.inputs, self.names = layer, inputs, names
+        hidden = inputs.hidden
+        tokens = sum(math.prod(shape[:-1]) for shape in hidden.shapes)
+        item = torch.empty((), dtype=hidden.dtype).element_size()
+        self.keep = bool(names) and not hidden.spilled and tokens * item * sum(widths) <= budget
+        self._kept: dict[int, dict[str, torch.Tensor]] = {}
+
+    def module_inputs(self, j: int, names: list[str]) -> dict[str, torch.Tensor]:
+        if not self.keep:
+            return _module_inputs(self.layer, names, self.inputs[j])
+        if j not in self._kept:
+            self._kept[j] = self._forward(j)
+        kept = self._kept[j]
+        return {n: kept.pop(n) for n in names}
+
+    def output(self, j: int) -> torch.Tensor:
+        kept = self._kept.pop(j, None)
+        if kept is not None:
+            return kept["output"]
+        hidden, args, kwargs = self.inputs[j]
+        return _layer_output(self.layer(hidden, *args, **kwargs))
+
+    def _forward(self, j: int) -> dict[str, torch.Tensor]:
+        found: dict[str, torch.Tensor] = {}
+        handles = [get_submodule(self.layer, n).register_forward_pre_hook(
+            lambda module, args, n=n: found.__setitem__(n, args[0])) for n in self.names]
+        hidden, args, kwargs = self.inputs[j]
+        try:
+            found["output"] = _layer_output(self.layer(hidden, *args, **kwargs))
+        finally:
+            for h in handles:
+                h.remove()
+        return found
 
 
 class _GroupCollector:
@@ -67,12 +118,11 @@ class _GroupCollector:
         return hook
 
     def run(self, layer: nn.Module, inputs: "LayerInputs", rounds: list[range], hessians: ShardedHessians,
-            reference_layer: nn.Module | None = None, reference_inputs: "LayerInputs | None" = None,
+            reference: FloatReference | None = None,
             replays: list["_BlockReplay"] = ()) -> dict[str, HessianAccumulator]:
         """Each module's Hessian accumulator over `inputs`, summed shard by shard: after each of `rounds` (the
-        windows of one calibration shard) `hessians` takes the shard's sums. When asymmetric,
-        `reference_layer` (the float layer) run on `reference_inputs` (the float model's hidden states) gives
-        each module's reference inputs."""
+        windows of one calibration shard) `hessians` takes the shard's sums. When asymmetric, `reference` (the
+        float layer on the float model's hidden states) gives each module's reference inputs."""
         dense = [n for n in self.modules if not is_routed(n)]
         dead = _DeadModuleSkip(layer, replays)
         try:
@@ -84,7 +134,7 @@ class _GroupCollector:
                         for r in replays:
                             r.window = j
                         if self.asymmetric and dense:
-                            self._reference = _module_inputs(reference_layer, dense, reference_inputs[j])
+                            self._reference = reference.module_inputs(j, dense)
                         self._seen.clear()
                         self._inputs.clear()
                         stopped = False
