@@ -22,6 +22,7 @@ import torch
 from .core.hessian import HessianAccumulator
 from .core.grid import QuantizedWeight
 from .errors import OptqError
+from .models.moe import is_routed
 
 
 @dataclass
@@ -131,7 +132,9 @@ class ShardedHessians:
         self.totals: dict[str, HessianAccumulator] = {}
 
     def _new(self, name: str) -> HessianAccumulator:
-        return HessianAccumulator(self.columns[name], device=self.device, asymmetric=self.asymmetric)
+        # an MoE expert's linear has no GPTAQ cross term (see pipeline.hessians): no d x d for it
+        return HessianAccumulator(self.columns[name], device=self.device,
+                                  asymmetric=self.asymmetric and not is_routed(name))
 
     def _sharing(self, partials: dict[str, HessianAccumulator]) -> list[int]:
         """Per module, the index of its representative this round (-1: no process reached it), the same on
@@ -176,7 +179,7 @@ class ShardedHessians:
         self.cluster.send(torch.tensor([acc.tokens], dtype=torch.int64), dst)
         if acc.tokens:
             self.cluster.send(acc.xtx, dst)
-            if self.asymmetric:
+            if acc.asymmetric:
                 self.cluster.send(acc.dxtx, dst)
 
     def _receive(self, name: str, src: int) -> HessianAccumulator:
@@ -185,7 +188,7 @@ class ShardedHessians:
         if acc.tokens:
             d = self.columns[name]
             acc.xtx = self.cluster.recv(torch.empty(d, d, device=self.device), src)
-            if self.asymmetric:
+            if acc.asymmetric:
                 acc.dxtx = self.cluster.recv(torch.empty(d, d, device=self.device), src)
         return acc
 

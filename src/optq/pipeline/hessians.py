@@ -95,13 +95,14 @@ class _GroupCollector:
             x = args[0]
             if name in self.keep:
                 self.keep[name][self.window] = x
-            # an expert's float-model input would be other tokens (the float router routes differently): its
-            # cross term is left zero, i.e. plain GPTQ for experts (see docs/design.md, "Mixture of experts")
-            x_ref = self._reference.get(name, x) if self.asymmetric else None
+            # an expert's float-model input would be other tokens (the float router routes differently): no
+            # cross term, i.e. plain GPTQ for experts (see docs/design.md, "Mixture of experts")
+            asymmetric = self.asymmetric and not is_routed(name)
+            x_ref = self._reference[name] if asymmetric else None
             shared = next((a for t, a in self._inputs if t is x), None)
             if name not in self.acc:
                 if shared is None:
-                    self.acc[name] = HessianAccumulator(x.shape[-1], device=self.device, asymmetric=self.asymmetric)
+                    self.acc[name] = HessianAccumulator(x.shape[-1], device=self.device, asymmetric=asymmetric)
                     self.acc[name].add(x, x_ref=x_ref)
                     self._inputs.append((x, self.acc[name]))
                 else:
