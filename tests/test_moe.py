@@ -171,7 +171,7 @@ def test_expert_equals_float64_gptq_on_its_routed_tokens(tinystories_model, tmp_
     assert torch.equal(qw.g_idx.long(), g_ref)
 
 
-def test_expert_without_tokens_is_rounded_with_a_note(tinystories_model, tmp_path, monkeypatch):
+def test_expert_without_tokens_is_rounded_with_a_note(tinystories_model, tmp_path, monkeypatch, caplog):
     """A router that never picks expert 7 (its logit pushed down by a forward hook on the router, in the
     model handed to the pipeline): no crash, expert 7's linears are rounded to nearest on their own grid, the
     log and meta.rtn_fallback say why; with a threshold above every expert's share all are rounded."""
@@ -192,8 +192,11 @@ def test_expert_without_tokens_is_rounded_with_a_note(tinystories_model, tmp_pat
     windows = calibration_windows(src.tokenizer, "pydoc", 8, 64)
     floats = {n: m.weight.detach().clone() for n, m in src.model.named_modules() if n.endswith("experts.7.down_proj")}
     cfg = QuantizeConfig(bits=4, group_size=32)
-    result = quantize_model(src.model, windows, cfg, progress=False)
+    with caplog.at_level("INFO", logger="optq"):
+        result = quantize_model(src.model, windows, cfg, progress=False)
     notes = {r.module: r.note for r in result.log}
+    stats = [r.message for r in caplog.records if "calibration tokens per expert" in r.message]
+    assert len(stats) == 2 and all("8 experts" in m and "min 0 /" in m for m in stats), stats
     for layer in range(2):
         for linear in ("gate_proj", "up_proj", "down_proj"):
             note = notes[f"model.layers.{layer}.mlp.experts.7.{linear}"]
