@@ -47,6 +47,13 @@ def _symmetric(m: torch.Tensor) -> torch.Tensor:
     return m
 
 
+def _size_class(x: torch.Tensor) -> tuple[int, int]:
+    """The shape a kernel choice is made for: the token count rounded up to a power of two (an MoE expert
+    sees another count in every window; a choice per count would measure again and again)."""
+    rows, columns = x.shape
+    return 1 << max(0, rows - 1).bit_length(), columns
+
+
 class HessianAccumulator:
     """Running sum of X^T X in float32 over calibration tokens; H = 2 X^T X / n (the GPTQ Hessian).
 
@@ -89,7 +96,7 @@ class HessianAccumulator:
                 scratch = torch.zeros_like(self.xtx)
                 return {name: (lambda k=k: k(scratch, x)) for name, k in kernels.items()}
 
-            kernels[choice.fastest("X^T X bf16", tuple(x.shape), list(kernels), trials)](self.xtx, x)
+            kernels[choice.fastest("X^T X bf16", _size_class(x), list(kernels), trials)](self.xtx, x)
         else:
             _upper_gram(self.xtx, x.to(torch.float32), bf16_math=False)
         if x_ref is not None:
@@ -101,7 +108,7 @@ class HessianAccumulator:
                 scratch = torch.zeros_like(self.dxtx)
                 return {name: (lambda k=k: k(scratch, dx.clone(), x)) for name, k in kernels.items()}
 
-            kernels[choice.fastest("(X_ref - X)^T X", tuple(x.shape), list(kernels), cross_trials)](self.dxtx, dx, x)
+            kernels[choice.fastest("(X_ref - X)^T X", _size_class(x), list(kernels), cross_trials)](self.dxtx, dx, x)
         self.tokens += x.shape[0]
 
     def absorb(self, other: "HessianAccumulator") -> None:
