@@ -54,7 +54,8 @@ def build(folder: Path, layers: int, experts: int, top_k: int) -> dict:
 def flop_floor(cfg: dict, tokens: int, seqlen: int) -> dict:
     h, inter, layers = cfg["hidden_size"], cfg["moe_intermediate_size"], cfg["num_hidden_layers"]
     q, kv = cfg["num_attention_heads"] * cfg["head_dim"], cfg["num_key_value_heads"] * cfg["head_dim"]
-    experts, top_k = cfg["num_experts"], cfg["num_experts_per_tok"]
+    experts = cfg.get("num_experts") or cfg["num_local_experts"]  # Transformers 5 writes the second name
+    top_k = cfg["num_experts_per_tok"]
     attention_linear = h * (q + 2 * kv) + q * h
     routed = top_k * 3 * h * inter + h * experts
     attention = 2 * 2 * q * (seqlen + 1) / 2
@@ -91,7 +92,10 @@ def main() -> None:
     out = work / f"{model.name}-gptq4"
     cmd = optq_cmd("quantize", str(model), str(out), "--bits", "4", "--dataset", "pydoc", "--nsamples",
                    str(a.nsamples), "--seqlen", str(a.seqlen), "--overwrite", "--no-report", "--stream")
-    timing = run_timed(cmd, out.with_suffix(".log"))
+    timing_file = out.with_suffix(".timing.json")
+    if not timing_file.exists() or not (out / "config.json").exists():
+        timing_file.write_text(json.dumps(run_timed(cmd, out.with_suffix(".log"))))
+    timing = json.loads(timing_file.read_text())
     flops = flop_floor(cfg, a.nsamples * a.seqlen, a.seqlen)
     rates = {"bf16": matmul_rate(torch.bfloat16, 2048, 2048, 2048), "fp32": matmul_rate(torch.float32, 2048, 2048, 2048)}
     floor = flops["forward"] / rates["bf16"] + (flops["hessian"] + flops["solve"]) / rates["fp32"]

@@ -47,12 +47,9 @@ def build(kind: str, folder: Path) -> None:
         shutil.copy(SHARED / "models" / "TinyStories-656K" / f, folder / f)
 
 
-def optq_answers(checkpoint: Path, prompts: list[list[int]], tokens: int) -> list[list[int]]:
+def optq_answers(model, prompts: list[list[int]], tokens: int) -> list[list[int]]:
     import torch
 
-    import optq
-
-    model = optq.load(checkpoint, dtype="bfloat16")
     out = []
     for ids in prompts:
         gen = model.generate(torch.tensor([ids]), max_new_tokens=tokens, do_sample=False)
@@ -60,11 +57,21 @@ def optq_answers(checkpoint: Path, prompts: list[list[int]], tokens: int) -> lis
     return out
 
 
+def margin(model, prompt: list[int], mine: list[int], theirs: list[int], at: int) -> float:
+    """optq's log-probability of its own token minus vLLM's token at the first difference (a near-tie is ~0)."""
+    import torch
+
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([prompt + mine[:at]])).logits[0, -1].float(), -1)
+    return float(logp[mine[at]] - logp[theirs[at]])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vllm-python", default=os.environ.get("VLLM_PYTHON", "/tmp/optq-vllm-venv/bin/python"))
     ap.add_argument("--work", default=str(REPO / "bench-output" / "vllm-moe"))
     ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="both sides' dtype")
     a = ap.parse_args()
     import torch
 
@@ -78,8 +85,11 @@ def main() -> None:
         if not (ckpt / "config.json").exists():
             run_timed(optq_cmd("quantize", str(folder), str(ckpt), "--bits", "4", "--dataset", "pydoc",
                                "--nsamples", "32", "--seqlen", "256", "--no-report"), ckpt.with_suffix(".log"))
-        mine = optq_answers(ckpt, prompts, a.tokens)
-        req = {"checkpoint": str(ckpt), "dtype": "bfloat16", "eager": True, "batch": 1, "prompts": prompts,
+        import optq
+
+        model = optq.load(ckpt, dtype=a.dtype)
+        mine = optq_answers(model, prompts, a.tokens)
+        req = {"checkpoint": str(ckpt), "dtype": a.dtype, "eager": True, "batch": 1, "prompts": prompts,
                "answer_tokens": a.tokens, "new_tokens": 8, "runs": 1}
         env = {**os.environ, "VLLM_CPU_INT4_W4A8": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
         child = subprocess.run([a.vllm_python, str(Path(__file__).parent / "vllm_child.py")], input=json.dumps(req),
@@ -92,8 +102,10 @@ def main() -> None:
             theirs = json.loads(line[7:])["answers"]
             same = sum(x == y for x, y in zip(mine, theirs))
             first = [next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), None) for x, y in zip(mine, theirs)]
+            margins = [None if d is None else round(margin(model, p, x, y, d), 4)
+                       for p, x, y, d in zip(prompts, mine, theirs, first)]
             rows.append({"model": kind, "loaded": True, "identical": same, "of": len(prompts),
-                         "first_difference": first})
+                         "first_difference": first, "logprob_margin_there": margins})
         print(json.dumps(rows[-1]), flush=True)
     print(json.dumps({"machine": machine_info(), "rows": rows}))
 
