@@ -31,10 +31,10 @@ class QuantizeConfig:
     static_groups: bool = True
     true_sequential: bool = True
     damp_percent: float = 0.01
-    # Each group's range shrunk to the factor that minimizes its rounding error (core.grid.find_params). None:
-    # on for GPTQ (SmolLM2 3-bit 0.65-0.74x the KL on every report domain at no measurable time; BENCHMARKS.md,
-    # "Quality by default, session 18"), off for RTN, which stays the classic min/max baseline.
-    mse: bool | None = None
+    # Each group's range shrunk to the factor that minimizes its rounding error (core.grid.find_params). Off by
+    # default: SmolLM2 3-bit 0.65-0.74x the KL on every report domain, 4-bit 0.93-0.97x, but +25% of a run's
+    # time, which takes the default past 2x plain act-order GPTQ's (BENCHMARKS.md, "Quality by default, session 18").
+    mse: bool = False
     # llama.cpp's Q4_0 scale rule in the symmetric grid (see GridSpec.signed_scale): exact in GGUF Q4_0 / Q8_0.
     signed_scale: bool = False
     # GPTAQ asymmetric calibration (GPTQModel calls it "v2"): aim each layer at the float model's outputs. On by
@@ -59,8 +59,6 @@ class QuantizeConfig:
     dynamic: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.mse is None:
-            self.mse = self.method == "gptq"
         if self.group_size == -1:
             self.static_groups = False  # one group per row: nothing to fix in advance
         self.validate()
