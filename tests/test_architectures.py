@@ -11,7 +11,7 @@ import optq
 from optq.api import save_quantized
 from optq.config import QuantizeConfig
 from optq.errors import OptqError
-from optq.models.registry import ARCHITECTURES, arch_spec
+from optq.models.registry import ARCHITECTURES, arch_spec, layer_groups
 from optq.pipeline import quantize_model
 from optq.runtime.quant_linear import QuantLinear
 
@@ -34,6 +34,13 @@ CONFIGS = {
     "gpt2": lambda: tf.GPT2Config(n_embd=64, n_head=4, n_layer=2, n_positions=128, vocab_size=160),
     "gpt_neox": lambda: tf.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
                                          max_position_embeddings=128, **SMALL),
+    # mixtures of experts (4 experts, 2 per token; tests/test_moe.py checks them in depth)
+    "qwen2_moe": lambda: tf.Qwen2MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                                           shared_expert_intermediate_size=64, **LLAMA_LIKE),
+    "qwen3_moe": lambda: tf.Qwen3MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                                           head_dim=16, **LLAMA_LIKE),
+    "olmoe": lambda: tf.OlmoeConfig(num_experts=4, num_experts_per_tok=2, **LLAMA_LIKE),
+    "mixtral": lambda: tf.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **LLAMA_LIKE),
 }
 
 
@@ -60,9 +67,11 @@ def test_quantize_save_load(model_type, tmp_path):
     result = quantize_model(model, windows, QuantizeConfig(bits=4, group_size=32), progress=False)
 
     spec = arch_spec(model_type)
-    expected = {f"{spec.layers}.{i}.{m}" for i in range(2) for g in spec.groups for m in g}
+    layers = model.get_submodule(spec.layers)
+    expected = {f"{spec.layers}.{i}.{m}" for i, layer in enumerate(layers)
+                for g in layer_groups(spec.groups, layer) for m in g}
     assert set(result.modules) == expected
-    assert all(r.samples == 4 * 24 for r in result.log)
+    assert all(r.samples == 4 * 24 for r in result.log if ".experts." not in r.module)  # experts: routed ones
 
     save_quantized(model, result, tmp_path / "ckpt", dtype="float32")
     loaded = optq.load(tmp_path / "ckpt", dtype="float32")

@@ -22,7 +22,7 @@ from ..distributed import Cluster, ShardedHessians, shard_plan, share_solution
 from ..settings import HESSIAN_SHARDS
 from ..errors import OptqError
 from ..formats.gptq import pack_module
-from ..models.moe import is_routed
+from ..models.moe import is_routed, unfuse_experts
 from ..models.registry import arch_spec, get_submodule
 from ..resume import RunState, fault_point
 from ..runtime import native
@@ -185,6 +185,7 @@ def quantize_model(
     started = time.perf_counter()
     device = torch.device(device)
     spec = arch_spec(model.config.model_type)
+    unfuse_experts(model)  # a model loaded by Transformers itself (quantize on load) keeps its experts fused
     layers = get_submodule(model, spec.layers)
     needs_data = config.method == "gptq"
     if needs_data and not windows:

@@ -44,7 +44,7 @@ class FloatReference:
         if j not in self._kept:
             self._kept[j] = self._forward(j)
         kept = self._kept[j]
-        return {n: kept.pop(n) for n in names}
+        return {n: kept.pop(n) for n in names if n in kept}  # a module the forward never reached has none
 
     def output(self, j: int) -> torch.Tensor:
         kept = self._kept.pop(j, None)
