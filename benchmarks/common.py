@@ -72,5 +72,27 @@ def run_timed(cmd: list[str], log: Path, env: dict | None = None) -> dict:
     return {"seconds": seconds, "peak_rss_mb": usage["peak_rss_kb"] / 1024}
 
 
+def save_random_model(folder: Path, config, std: float) -> None:
+    """A seeded random-weight bf16 model of `config` (a Transformers config) in `folder` (once: kept if there),
+    matrices drawn from N(0, std), with TinyStories-656K's tokenizer (only token ids matter to speed and
+    loading checks). Never for quality."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if (folder / "config.json").exists():
+        return
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, std)
+    model.save_pretrained(folder)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(SHARED / "models" / "TinyStories-656K" / f, folder / f)
+
+
 def optq_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "optq", *args]

@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import shutil
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, SHARED, machine_info, optq_cmd, run_timed  # noqa: E402
+from common import REPO, machine_info, optq_cmd, run_timed, save_random_model  # noqa: E402
 from quantize_speed import matmul_rate  # noqa: E402
 
 SHAPE = dict(hidden_size=2048, moe_intermediate_size=768, intermediate_size=6144, num_attention_heads=32,
@@ -33,21 +32,11 @@ SHAPE = dict(hidden_size=2048, moe_intermediate_size=768, intermediate_size=6144
 
 
 def build(folder: Path, layers: int, experts: int, top_k: int) -> dict:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     cfg = AutoConfig.for_model("qwen3_moe", **SHAPE, num_hidden_layers=layers, num_experts=experts,
                                num_experts_per_tok=top_k, norm_topk_prob=True, tie_word_embeddings=False)
-    if not (folder / "config.json").exists():
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.dim() >= 2:
-                    p.normal_(0, 0.02)
-        model.save_pretrained(folder)
-        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            shutil.copy(SHARED / "models" / "TinyStories-656K" / f, folder / f)
+    save_random_model(folder, cfg, std=0.02)
     return cfg.to_dict()
 
 

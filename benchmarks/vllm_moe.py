@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, SHARED, machine_info, optq_cmd, run_timed  # noqa: E402
+from common import REPO, machine_info, optq_cmd, run_timed, save_random_model  # noqa: E402
 
 SHAPES = {
     "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=256, head_dim=64),
@@ -30,21 +29,9 @@ BASE = dict(vocab_size=2048, hidden_size=512, intermediate_size=256, num_hidden_
 
 
 def build(kind: str, folder: Path) -> None:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    if (folder / "config.json").exists():
-        return
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **BASE, **SHAPES[kind]),
-                                             dtype=torch.bfloat16)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.05)
-    model.save_pretrained(folder)
-    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(SHARED / "models" / "TinyStories-656K" / f, folder / f)
+    save_random_model(folder, AutoConfig.for_model(kind, **BASE, **SHAPES[kind]), std=0.05)
 
 
 def optq_answers(model, prompts: list[list[int]], tokens: int) -> list[list[int]]:

@@ -15,21 +15,16 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import OptqError
-
-_LLAMA_GROUPS = (
-    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    ("self_attn.o_proj",),
-    ("mlp.gate_proj", "mlp.up_proj"),
-    ("mlp.down_proj",),
-)
-
+from .moe import EXPERT_LINEARS
 
 _ATTENTION = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",))
+_LLAMA_GROUPS = _ATTENTION + (("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
 
 
-def _moe_groups(gate: str, up: str, down: str, shared: str | None = None) -> tuple[tuple[str, ...], ...]:
+def _moe_groups(model_type: str, shared: str | None = None) -> tuple[tuple[str, ...], ...]:
     """Attention, then the experts' gate/up (each expert's pair reads the tokens routed to it), then their
     down; a shared expert with them; the dense MLP of layers without experts, where a model has such layers."""
+    gate, up, down = EXPERT_LINEARS[model_type]
     shared_in = (f"mlp.{shared}.gate_proj", f"mlp.{shared}.up_proj") if shared else ()
     shared_out = (f"mlp.{shared}.down_proj",) if shared else ()
     return _ATTENTION + (
@@ -57,10 +52,10 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gemma": ArchSpec("model.layers", _LLAMA_GROUPS),
     "gemma2": ArchSpec("model.layers", _LLAMA_GROUPS),
     "gemma3_text": ArchSpec("model.layers", _LLAMA_GROUPS),
-    "qwen2_moe": ArchSpec("model.layers", _moe_groups("gate_proj", "up_proj", "down_proj", shared="shared_expert")),
-    "qwen3_moe": ArchSpec("model.layers", _moe_groups("gate_proj", "up_proj", "down_proj")),
-    "olmoe": ArchSpec("model.layers", _moe_groups("gate_proj", "up_proj", "down_proj")),
-    "mixtral": ArchSpec("model.layers", _moe_groups("w1", "w3", "w2"),
+    "qwen2_moe": ArchSpec("model.layers", _moe_groups("qwen2_moe", shared="shared_expert")),
+    "qwen3_moe": ArchSpec("model.layers", _moe_groups("qwen3_moe")),
+    "olmoe": ArchSpec("model.layers", _moe_groups("olmoe")),
+    "mixtral": ArchSpec("model.layers", _moe_groups("mixtral"),
                         checkpoint_names=((".mlp.", ".block_sparse_moe."),)),
     "phi3": ArchSpec(
         "model.layers",

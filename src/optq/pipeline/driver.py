@@ -241,18 +241,7 @@ class _LayerRun:
         layer, work = self.source.load(index, prefix)
         plan, skipped = _module_plan(layer, prefix, self.spec.groups, self.config, self.rows, index)
         self.left_float.update(skipped)
-        reference = None
-        if self.cal is not None and self.cal.asymmetric:
-            dense = [(loc, linear_shape(get_submodule(work, loc))[0]) for members in plan for loc, _, _ in members
-                     if not is_routed(loc)]
-            widths = {}  # each later group's distinct input width (q/k/v read one tensor), and the output's
-            for members in plan[1:]:
-                first = next((loc for loc, _, _ in members if not is_routed(loc)), None)
-                if first is not None:
-                    widths[first] = linear_shape(get_submodule(work, first))[0]
-            reference = FloatReference(copy.deepcopy(work), self.cal.float_inputs, [loc for loc, _ in dense],
-                                       [*widths.values(), self.cal.inputs.hidden.shapes[0][-1]],
-                                       self.cal.reference_budget)
+        reference = self._float_reference(plan, work) if self.cal is not None and self.cal.asymmetric else None
         saved = self.state.load(index) if self.state is not None else None
         if saved is not None:
             self._restore(saved, plan, layer, work)
@@ -287,6 +276,16 @@ class _LayerRun:
         self.source.finish(index, layer, prefix)
         del work, layer
         return_freed_memory()
+
+    def _float_reference(self, plan, work: nn.Module) -> FloatReference:
+        """GPTAQ's float layer (a copy of the unquantized one) for the dense modules of `plan`; what keeping its
+        results costs per token: each later group's input width (a group's modules read one tensor) and the
+        output's."""
+        dense = [loc for members in plan for loc, _, _ in members if not is_routed(loc)]
+        firsts = [next((loc for loc, _, _ in members if not is_routed(loc)), None) for members in plan[1:]]
+        widths = [linear_shape(get_submodule(work, loc))[0] for loc in firsts if loc is not None]
+        return FloatReference(copy.deepcopy(work), self.cal.float_inputs, dense,
+                              [*widths, self.cal.inputs.hidden.shapes[0][-1]], self.cal.reference_budget)
 
     def _restore(self, saved, plan, layer: nn.Module, work: nn.Module) -> None:
         """A layer a previous run finished (resume): its saved weights instead of a solve."""
