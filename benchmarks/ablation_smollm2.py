@@ -70,7 +70,9 @@ def main() -> None:
     print(json.dumps(rows[-1]), flush=True)
     for name in a.variants.split(","):
         overrides, compute_dtype = VARIANTS[name]
-        overrides = {"refit_scales": False, **overrides}
+        # each variant is the reference GPTQ (natural order, min/max ranges) plus what it names
+        overrides = {"refit_scales": False, "desc_act": False, "static_groups": False, "gptaq": False,
+                     "mse": False, **overrides}
         model = copy.deepcopy(src.model)
         t0 = time.perf_counter()
         quantize_model(model, windows, QuantizeConfig(bits=a.bits, group_size=a.group_size, **overrides),

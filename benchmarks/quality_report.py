@@ -28,7 +28,8 @@ from common import SHARED, machine_info, optq_cmd, run_timed  # noqa: E402
 MODELS = {"smollm2": "smollm2", "tinystories": str(SHARED / "models" / "TinyStories-656K")}
 CALIBRATION = {"mix": "mix", "pydoc": "pydoc", "wiki": str(SHARED / "wikitext-2-tokens" / "wiki2.valid.txt")}
 CONFIGS = {
-    "rtn": ["--rtn"],
+    "rtn": ["--rtn"],  # with the MSE range search (the default grid) since session 19
+    "rtn-minmax": ["--rtn", "--no-mse"],  # the min/max range: sessions 16-18's RTN rows
     "default": [],
     "natural": ["--no-desc-act"],
     "act": ["--no-static-groups", "--no-rtn-guard", "--no-gptaq"],
@@ -37,8 +38,8 @@ CONFIGS = {
     "gptaq": ["--gptaq"],
     "damp05": ["--damp", "0.05"],
     "damp10": ["--damp", "0.1"],
-    "mse": ["--mse"],
-    "gptaq-mse": ["--gptaq", "--mse"],
+    "nomse": ["--no-mse"],
+    "plain": ["--no-gptaq", "--no-mse"],
 }
 WIKI_TEST = SHARED / "wikitext-2-raw" / "wiki.test.raw"
 

@@ -32,9 +32,9 @@ def _add_quantize(sub) -> None:
                         "(default on)")
     p.add_argument("--asym", action="store_true", help="asymmetric grid (a zero point per group)")
     p.add_argument("--damp", type=float, default=0.01, help="damping, fraction of the mean Hessian diagonal (0.01)")
-    p.add_argument("--mse", action="store_true",
-                   help="shrink each group's range to the factor minimizing its rounding error (3-bit: ~0.7x the "
-                        "KL for +25%% time)")
+    p.add_argument("--mse", action=argparse.BooleanOptionalAction, default=True,
+                   help="shrink each group's range to the factor minimizing its rounding error (default on; "
+                        "--no-mse: the min/max range, ~1.4x the KL at 3 bits)")
     p.add_argument("--signed-scale", action="store_true",
                    help="symmetric grid with llama.cpp's Q4_0 scale rule: scale = the group's signed extreme / -8 "
                         "(4-bit), so the extreme is exact and the step finer; scales may be negative (on by "

@@ -31,10 +31,10 @@ class QuantizeConfig:
     static_groups: bool = True
     true_sequential: bool = True
     damp_percent: float = 0.01
-    # Each group's range shrunk to the factor that minimizes its rounding error (core.grid.find_params). Off by
-    # default: SmolLM2 3-bit 0.65-0.74x the KL on every report domain, 4-bit 0.93-0.97x, but +25% of a run's
-    # time, which takes the default past 2x plain act-order GPTQ's (BENCHMARKS.md, "Quality by default, session 18").
-    mse: bool = False
+    # Each group's range shrunk to the factor that minimizes its rounding error (core.grid.find_params). On by
+    # default: SmolLM2 3-bit 0.65-0.74x the KL on every report domain, 4-bit 0.93-0.97x; its coarse-to-fine
+    # search costs ~5% of a run (BENCHMARKS.md, "Quality by default, session 19"). RTN (--rtn) searches too.
+    mse: bool = True
     # llama.cpp's Q4_0 scale rule in the symmetric grid (see GridSpec.signed_scale): exact in GGUF Q4_0 / Q8_0.
     signed_scale: bool = False
     # GPTAQ asymmetric calibration (GPTQModel calls it "v2"): aim each layer at the float model's outputs. On by
