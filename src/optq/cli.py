@@ -142,8 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--decoder", default="auto", choices=["auto", "fast", "transformers"],
+                   help="fast: optq's decode step (Llama, Mistral, Qwen2/3, Gemma); transformers: its generate; "
+                        "auto (default): fast where it runs the model")
     p.add_argument("--compile", action="store_true",
-                   help="static KV cache + torch.compile of the decode step (20-30 s to compile; pays on long runs)")
+                   help="Transformers' static KV cache + torch.compile of its decode step (20-30 s to compile; "
+                        "implies --decoder transformers)")
     p = sub.add_parser("export-gguf", help="write a GPTQ checkpoint as a GGUF file llama.cpp runs")
     p.add_argument("checkpoint")
     p.add_argument("out", help="the .gguf file to write")
@@ -164,8 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-tokens", type=int, default=512)
     p.add_argument("--runs", type=int, default=5, help="decode runs; the median is reported (default 5)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--decoder", default="auto", choices=["auto", "fast", "transformers"],
+                   help="fast: optq's decode step (Llama, Mistral, Qwen2/3, Gemma); transformers: its generate; "
+                        "auto (default): fast where it runs the model")
     p.add_argument("--compile", action="store_true",
-                   help="static KV cache + torch.compile of the decode step (compiled during the warm-up run)")
+                   help="Transformers' static KV cache + torch.compile of its decode step (compiled during the "
+                        "warm-up run; implies --decoder transformers)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p = sub.add_parser("lm-eval-tasks", help="write offline lm-evaluation-harness tasks (use with --include_path)")
     p.add_argument("folder")
@@ -339,7 +347,8 @@ def cmd_generate(a) -> int:
         from .runtime.compiled import use_compiled_decode
 
         use_compiled_decode(model)
-    print(generate(model, tok, a.prompt, a.max_new_tokens, chat=a.chat))
+    decoder = "transformers" if a.compile else a.decoder
+    print(generate(model, tok, a.prompt, a.max_new_tokens, chat=a.chat, decoder=decoder))
     return 0
 
 
@@ -382,7 +391,8 @@ def cmd_bench(a) -> int:
         from .runtime.compiled import use_compiled_decode
 
         use_compiled_decode(model)
-    res = decode_speed(model, a.prompt_tokens, a.new_tokens, a.prefill_tokens, a.runs)
+    res = decode_speed(model, a.prompt_tokens, a.new_tokens, a.prefill_tokens, a.runs,
+                       decoder="transformers" if a.compile else a.decoder)
     backends = sorted({m.backend for m in model.modules() if hasattr(m, "backend") and hasattr(m, "qweight")})
     dtype = str(next(p for p in model.parameters() if p.is_floating_point()).dtype).removeprefix("torch.")
     if a.json:
@@ -390,7 +400,7 @@ def cmd_bench(a) -> int:
                           "threads": torch.get_num_threads()}))
     else:
         print(f"{a.model}: activations {dtype}, backends {', '.join(backends) or 'none (float model)'}, "
-              f"{torch.get_num_threads()} threads")
+              f"{torch.get_num_threads()} threads, {res.decoder} decoder")
         print(f"decode  {res.decode_tok_s:8.1f} tokens/s  (prompt {res.prompt_tokens}, {res.new_tokens} new, "
               f"median of {res.runs})")
         print(f"prefill {res.prefill_tok_s:8.1f} tokens/s  ({res.prefill_tokens}-token prompt)")

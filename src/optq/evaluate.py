@@ -59,14 +59,22 @@ def perplexity(
     return perplexity_of_ids(model, ids, seqlen, max_windows, progress)
 
 
-def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool = False) -> str:
-    """Greedy continuation of `prompt` (through the chat template when `chat` and the tokenizer has one)."""
+def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool = False,
+             decoder: str = "auto") -> str:
+    """Greedy continuation of `prompt` (through the chat template when `chat` and the tokenizer has one), up to
+    the model's end token. decoder: "fast" (runtime.decode), "transformers" (`generate`), or "auto" (fast
+    where it runs the model)."""
+    from .runtime.decode import fast_generate
+
     if chat and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
     else:
         text = prompt
     enc = tokenizer(text, return_tensors="pt")
+    if _use_fast(model, decoder):
+        new = fast_generate(model, enc.input_ids, max_new_tokens, stop_ids=_stop_ids(model, tokenizer))
+        return tokenizer.decode(new, skip_special_tokens=True)
     device = next(model.parameters()).device
     with torch.no_grad():
         out = model.generate(
@@ -76,6 +84,26 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         )
     return tokenizer.decode(out[0, enc.input_ids.shape[1] :], skip_special_tokens=True)
+
+
+DECODERS = ("auto", "fast", "transformers")
+
+
+def _use_fast(model, decoder: str) -> bool:
+    """Whether to decode with runtime.decode's fast step; "fast" on a model it cannot run is an error."""
+    from .runtime.decode import supported
+
+    if decoder not in DECODERS:
+        raise OptqError(f"decoder {decoder!r} is unknown: use one of {', '.join(DECODERS)}")
+    why = supported(model)
+    if decoder == "fast" and why is not None:
+        raise OptqError(f"the fast decoder cannot run this model ({why}): use --decoder transformers")
+    return decoder != "transformers" and why is None
+
+
+def _stop_ids(model, tokenizer) -> tuple[int, ...]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or tokenizer.eos_token_id
+    return tuple(i for i in (eos if isinstance(eos, list) else [eos]) if i is not None)
 
 
 # ---- speed ----------------------------------------------------------------------------------------------
@@ -92,6 +120,7 @@ class SpeedResult:
     new_tokens: int
     prefill_tokens: int
     runs: int
+    decoder: str  # "fast" (runtime.decode) or "transformers"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -135,9 +164,12 @@ def median_seconds(fn, runs: int) -> float:
 
 
 def decode_speed(model, prompt_tokens: int = 32, new_tokens: int = 128, prefill_tokens: int = 512,
-                 runs: int = 5, seed: int = 0) -> SpeedResult:
-    """Batch-1 greedy decode tokens/s (EOS ignored, median of `runs`, after one warm-up) and prefill tokens/s
-    (one `prefill_tokens` prompt, median of 3) on random token ids (speed does not depend on the text)."""
+                 runs: int = 5, seed: int = 0, decoder: str = "auto") -> SpeedResult:
+    """Batch-1 greedy decode tokens/s (EOS ignored, median of `runs`, after one warm-up; the fast decoder or
+    Transformers' `generate`, as `generate` chooses) and prefill tokens/s (one `prefill_tokens` prompt, median
+    of 3) on random token ids (speed does not depend on the text)."""
+    from .runtime.decode import fast_generate
+
     if runs < 1 or new_tokens < 1 or prompt_tokens < 1 or prefill_tokens < 1:
         raise OptqError("runs, new_tokens, prompt_tokens and prefill_tokens must be >= 1")
     g = torch.Generator().manual_seed(seed)
@@ -145,14 +177,20 @@ def decode_speed(model, prompt_tokens: int = 32, new_tokens: int = 128, prefill_
     device = next(model.parameters()).device
     prompt = torch.randint(0, vocab, (1, prompt_tokens), generator=g).to(device)
     long_prompt = torch.randint(0, vocab, (1, prefill_tokens), generator=g).to(device)
-    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    fast = _use_fast(model, decoder)
+    if fast:
+        run = lambda: fast_generate(model, prompt, new_tokens)  # noqa: E731 (no stop tokens: all new_tokens)
+    else:
+        kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        run = lambda: model.generate(prompt, **kw)  # noqa: E731
     with torch.inference_mode():
-        model.generate(prompt, **kw)  # warm-up: first-call costs are not decode speed
+        run()  # warm-up: first-call costs are not decode speed
         rss = rss_mb()
-        decode = median_seconds(lambda: model.generate(prompt, **kw), runs)
+        decode = median_seconds(run, runs)
         model(long_prompt, use_cache=True, logits_to_keep=1)
         prefill = median_seconds(lambda: model(long_prompt, use_cache=True, logits_to_keep=1), 3)
     weight_bytes = weight_bytes_per_token(model)
     tok_s = new_tokens / decode
     return SpeedResult(tok_s, prefill_tokens / prefill, weight_bytes, weight_bytes * tok_s / 1e9, rss,
-                       prompt_tokens, new_tokens, prefill_tokens, runs)
+                       prompt_tokens, new_tokens, prefill_tokens, runs,
+                       "fast" if fast else "transformers")
