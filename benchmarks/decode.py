@@ -1,5 +1,6 @@
 """Batch-1 decode and prefill speed: fp32 and bf16 Transformers, optq 4-bit g128 (lm_head in bf16, or 4-bit too:
-optq-4bit-head) and 8-bit g128, llama.cpp Q4_0 (whose output matrix llama.cpp keeps in Q6_K).
+optq-4bit-head) and 8-bit g128 with optq's fast decoder (runtime/decode.py; optq-4bit-tf: the same checkpoint
+through Transformers' generate), llama.cpp Q4_0 (whose output matrix llama.cpp keeps in Q6_K).
 
 Side by side in one run, each variant in its own child process (its RSS is its own): decode tokens/s (prompt
 of 32 tokens, 128 new tokens, greedy, EOS ignored, median of --runs; the time includes the 32-token prompt),
@@ -30,9 +31,10 @@ from common import REPO, machine_info  # noqa: E402
 from optq.evaluate import median_seconds as median_time  # noqa: E402
 from optq.evaluate import rss_mb  # noqa: E402
 
-VARIANTS = ("fp32", "bf16", "optq-4bit", "optq-4bit-head", "optq-8bit", "llamacpp")
+VARIANTS = ("fp32", "bf16", "optq-4bit", "optq-4bit-tf", "optq-4bit-head", "optq-8bit", "llamacpp")
 # optq variant -> (bits, lm_head quantized too)
-OPTQ_VARIANTS = {"optq-4bit": (4, False), "optq-4bit-head": (4, True), "optq-8bit": (8, False)}
+OPTQ_VARIANTS = {"optq-4bit": (4, False), "optq-4bit-tf": (4, False), "optq-4bit-head": (4, True),
+                 "optq-8bit": (8, False)}
 OUT = REPO / "bench-output" / "decode"
 PROMPT, NEW, PREFILL = 32, 128, 512
 
@@ -86,8 +88,10 @@ def measure_torch(model_name: str, variant: str, runs: int) -> dict:
         model, _ = load_any(source_of(model_name), "float32" if variant == "fp32" else "bfloat16")
     else:
         model, _ = load_any(checkpoint_of(model_name, variant), "auto")
-    res = decode_speed(model, PROMPT, NEW, PREFILL, runs)
-    return {"decode_tok_s": res.decode_tok_s, "prefill_tok_s": res.prefill_tok_s, "rss_mb": res.rss_mb,
+    # the float baselines are Transformers' own path; optq's checkpoints decode as `optq bench` does
+    decoder = "transformers" if variant in ("fp32", "bf16") or variant.endswith("-tf") else "auto"
+    res = decode_speed(model, PROMPT, NEW, PREFILL, runs, decoder=decoder)
+    return {"decoder": res.decoder, "decode_tok_s": res.decode_tok_s, "prefill_tok_s": res.prefill_tok_s, "rss_mb": res.rss_mb,
             "weight_bytes": res.weight_bytes,
             "dtype": str(next(p for p in model.parameters() if p.is_floating_point()).dtype)}
 

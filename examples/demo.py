@@ -6,8 +6,8 @@ answers match the float model's, and one chat answer per model.
 Quantized with optq's defaults (act-order with static groups, GPTAQ, the held-out RTN guard) and its default
 calibration set (`mix`: Python documentation prose, standard-library code, the model's own answers to
 built-in chat prompts, other languages; everything the report scores is held out of it; the answers are
-generated once and cached for the 3-bit run). The report reads 4 windows per domain to keep the demo short;
-BENCHMARKS.md has the 8-window numbers.
+generated once and cached for the 3-bit run). The report reads 4 windows per domain and answers 40 chat
+prompts to keep the demo short; BENCHMARKS.md has the 8-window, 100-prompt numbers.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--windows", type=int, default=4, help="report windows of 512 tokens per text domain")
+    ap.add_argument("--chat-prompts", type=int, default=40, help="chat prompts the report answers (BENCHMARKS: 100)")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -60,9 +61,10 @@ def main() -> None:
 
     domains = ["code", "docs", "chat", "multilingual"] + (["wiki"] if wiki.exists() else [])
     t0 = time.perf_counter()
+    cache = out / f"reference-smollm2-w{a.windows}-c{a.chat_prompts}"  # a cache per report size
     reports = quality_reports([str(r[1]) for r in rows], "smollm2", domains, windows=a.windows, seqlen=512,
-                              wiki=str(wiki) if wiki.exists() else None, cache_dir=out / "reference-smollm2",
-                              dtype=dtype, progress=False)
+                              wiki=str(wiki) if wiki.exists() else None, cache_dir=cache,
+                              chat_prompts=a.chat_prompts, dtype=dtype, progress=False)
     print(f"\nQuality against the float model (mean KL divergence per token, lower is better; "
           f"{time.perf_counter() - t0:.0f}s):\n")
     print(summary_table(reports, [r[0] for r in rows]))

@@ -195,29 +195,29 @@ class FastDecoder:
         if pos >= self.max_len:
             raise ValueError(f"the KV cache holds {self.max_len} positions; make the FastDecoder longer")
         x = self.embed(torch.tensor([[token]]))[0].float()
-        hidden = x.shape[-1]
+        hidden, d, half = x.shape[-1], self.head_dim, self.head_dim // 2
+        cos, sin = self.cos[pos], self.sin[pos]
         for i, layer in enumerate(self.layers):
             h = F.rms_norm(x, (hidden,), layer.input_norm, self.eps)
-            q, k, v = (t.float() for t in layer.qkv(h))
-            q = q.view(self.heads, self.head_dim)
-            k = k.view(self.kv_heads, self.head_dim)
+            q, k, v = layer.qkv(h)
+            q = q.float().view(self.heads, d)
+            k = k.float().view(self.kv_heads, d)
             if layer.q_norm is not None:
-                q = F.rms_norm(q, (self.head_dim,), layer.q_norm, self.eps)
-                k = F.rms_norm(k, (self.head_dim,), layer.k_norm, self.eps)
-            cos, sin = self.cos[pos], self.sin[pos]
-            half = self.head_dim // 2
+                q = F.rms_norm(q, (d,), layer.q_norm, self.eps)
+                k = F.rms_norm(k, (d,), layer.k_norm, self.eps)
+            # RoPE: x cos + rotate_half(x) sin, rotate_half's sign folded into self.sin
             q = torch.addcmul(q * cos, q.roll(half, dims=-1), sin)
-            self.keys[i][:, pos] = torch.addcmul(k * cos, k.roll(half, dims=-1), sin)
-            self.values[i][:, pos] = v.view(self.kv_heads, self.head_dim)
+            torch.addcmul(k * cos, k.roll(half, dims=-1), sin, out=self.keys[i][:, pos])
+            self.values[i][:, pos] = v.view(self.kv_heads, d)
             start = 0 if layer.window is None else max(0, pos + 1 - layer.window)
             keys, values = self.keys[i][:, start:pos + 1], self.values[i][:, start:pos + 1]
-            q = q.view(self.kv_heads, self.heads // self.kv_heads, self.head_dim)
+            q = q.view(self.kv_heads, self.heads // self.kv_heads, d)
             scores = torch.bmm(q, keys.transpose(1, 2)).mul_(layer.scaling).softmax(dim=-1)
-            attn = torch.bmm(scores, values).view(1, self.heads * self.head_dim)
-            x = x + layer.o(attn)[0].float()
+            attn = torch.bmm(scores, values).view(1, self.heads * d)
+            x.add_(layer.o(attn)[0])  # in place, widening the kernel's bf16 output as it adds
             h = F.rms_norm(x, (hidden,), layer.post_norm, self.eps)
             gate, up = layer.gate_up(h)
-            x = x + layer.down(self.act(gate) * up)[0].float()
+            x.add_(layer.down(self.act(gate) * up)[0])
         self.length = pos + 1
         h = F.rms_norm(x, (hidden,), self.final_norm, self.eps)
         return self.lm_head(h)[0][0].float()
