@@ -47,7 +47,7 @@ def source_of(model: str) -> str:
         return "smollm2"
     from make_shapes import ensure
 
-    folder, _ = ensure(model, REPO / "bench-output" / "shapes")
+    folder, _ = ensure(model, REPO / "bench-output" / "shapes", gguf=False)
     return str(folder)
 
 

@@ -162,13 +162,13 @@ def llama_cpp_quantize(src: Path, dst: Path, ftype: str = "Q4_0", f16_embeddings
         raise RuntimeError(f"llama_model_quantize({src} -> {dst}) failed with {rc}")
 
 
-def ensure(shape: str, out: Path, seed: int = 0) -> tuple[Path, Path]:
-    """(HF folder, Q4_0 GGUF) of `shape`, built once."""
+def ensure(shape: str, out: Path, seed: int = 0, gguf: bool = True) -> tuple[Path, Path | None]:
+    """(HF folder, Q4_0 GGUF) of `shape`, built once (gguf=False: the folder only; the GGUF needs llama_cpp)."""
     folder = out / shape
     if not (folder / "config.json").exists():
         (make_hf_streamed if shape in STREAMED else make_hf)(shape, folder, seed)
     q4 = out / f"{shape}.q4_0.gguf"
-    if shape in STREAMED:
+    if shape in STREAMED or not gguf:
         return folder, None
     if not q4.exists():
         f16 = out / f"{shape}.f16.gguf"

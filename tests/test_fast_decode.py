@@ -120,6 +120,10 @@ def test_fused_projections_equal_separate_calls(tmp_path, kind, dtype):
     x = torch.randn(1, 64, generator=torch.Generator().manual_seed(3))
     layer = decoder.layers[1]
     assert layer.qkv.fused is not None and layer.gate_up.fused is not None
+    # the modules' kernels now read their tiles of the fused tensors: the weights are held once
+    storage = lambda t: t.untyped_storage().data_ptr()  # noqa: E731
+    assert storage(attn.k_proj._kernel.packed) == storage(layer.qkv.kernel.packed)
+    assert storage(mlp.up_proj._kernel.scale) == storage(layer.gate_up.kernel.scale)
     with torch.inference_mode():
         for fused, modules in ((layer.qkv, (attn.q_proj, attn.k_proj, attn.v_proj)),
                                (layer.gate_up, (mlp.gate_proj, mlp.up_proj))):

@@ -17,6 +17,7 @@ layout they share; `supported` says why another model is not, and callers then u
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -85,6 +86,13 @@ def _concat_native(modules: list[nn.Module]):
         width = sum(k.packed.shape[0] for k in kernels) * NativeKernel.TILE_N
         fused = NativeKernel(cat("packed"), cat("scale"), cat("zp"), first.starts, first.perm, width, first.dtype,
                              first.op)
+        # Each module's kernel becomes a view of its tiles in the fused one (contiguous: the tensors are
+        # tile-major), so the weights are held once and the module path still runs.
+        tile = 0
+        for k in kernels:
+            n = k.packed.shape[0]
+            k.packed, k.scale, k.zp = (t[tile:tile + n] for t in (fused.packed, fused.scale, fused.zp))
+            tile += n
     offsets, start = [], 0
     for k in kernels:
         offsets.append(start)
@@ -98,6 +106,10 @@ def _concat_native(modules: list[nn.Module]):
     return fused, offsets, bias
 
 
+# model -> (its QuantLinears' kernels when built, FastDecoder's weights for it)
+_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 @dataclass
 class _Layer:
     input_norm: torch.Tensor  # float32 RMSNorm weights (Gemma's 1 + w folded in)
@@ -109,7 +121,6 @@ class _Layer:
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
     scaling: float
-    window: int | None  # sliding-window attention: keys within this many positions
 
 
 class FastDecoder:
@@ -130,9 +141,9 @@ class FastDecoder:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.act = ACTIVATIONS[config.hidden_act]
         self.embed = inner.embed_tokens  # Gemma's scales by sqrt(hidden_size) itself
-        self.final_norm = self._norm_weight(inner.norm)
-        self.lm_head = _Projection([model.lm_head])
-        self.layers = [self._layer(layer, _window(config, i)) for i, layer in enumerate(inner.layers)]
+        self.final_norm, self.lm_head, self.layers = self._weights(model)
+        # sliding-window attention: each layer's keys within this many positions (None: all)
+        self.windows = [_window(config, i) for i in range(len(self.layers))]
         self.max_len = max_len
         # The model's own rotary table (float32), with the sign of rotate_half folded into sin.
         positions = torch.arange(max_len)[None]
@@ -146,11 +157,23 @@ class FastDecoder:
         self.values = [torch.zeros(shape) for _ in self.layers]
         self.length = 0
 
+    def _weights(self, model: nn.Module):
+        """(final norm, lm_head, layers), built once per model (fusing moves kernel tensors) and again only if
+        a module's kernel was rebuilt since; norm weights changed in place afterwards are not seen."""
+        kernels = [(m, m._kernel) for m in model.modules() if isinstance(m, QuantLinear)]
+        cached = _WEIGHTS.get(model)
+        if cached is not None and all(m._kernel is k for m, k in cached[0]):
+            return cached[1]
+        layers = [self._layer(layer) for layer in model.model.layers]
+        weights = (self._norm_weight(model.model.norm), _Projection([model.lm_head]), layers)
+        _WEIGHTS[model] = (kernels, weights)
+        return weights
+
     def _norm_weight(self, norm: nn.Module) -> torch.Tensor:
         w = norm.weight.detach().float()
         return 1 + w if self.gemma else w
 
-    def _layer(self, layer: nn.Module, window: int | None) -> _Layer:
+    def _layer(self, layer: nn.Module) -> _Layer:
         attn, mlp = layer.self_attn, layer.mlp
         q_norm = getattr(attn, "q_norm", None)
         k_norm = getattr(attn, "k_norm", None)
@@ -164,7 +187,6 @@ class FastDecoder:
             q_norm=None if q_norm is None else self._norm_weight(q_norm),
             k_norm=None if k_norm is None else self._norm_weight(k_norm),
             scaling=float(attn.scaling),
-            window=window,
         )
 
     @torch.inference_mode()
@@ -209,7 +231,8 @@ class FastDecoder:
             q = torch.addcmul(q * cos, q.roll(half, dims=-1), sin)
             torch.addcmul(k * cos, k.roll(half, dims=-1), sin, out=self.keys[i][:, pos])
             self.values[i][:, pos] = v.view(self.kv_heads, d)
-            start = 0 if layer.window is None else max(0, pos + 1 - layer.window)
+            window = self.windows[i]
+            start = 0 if window is None else max(0, pos + 1 - window)
             keys, values = self.keys[i][:, start:pos + 1], self.values[i][:, start:pos + 1]
             q = q.view(self.kv_heads, self.heads // self.kv_heads, d)
             scores = torch.bmm(q, keys.transpose(1, 2)).mul_(layer.scaling).softmax(dim=-1)
