@@ -8,7 +8,7 @@ from optq.core.hessian import HessianAccumulator
 from optq.core.grid import GridSpec
 from optq.formats.gptq import pack_module
 from optq.runtime import native
-from optq.runtime.quant_linear import INT8_MAX_ROWS, QuantLinear
+from optq.runtime.quant_linear import DENSE_MIN_ROWS, INT8_MAX_ROWS, QuantLinear, amx
 
 
 def make_quant_linear(in_f, out_f, bits, group_size, desc_act=False, sym=True, fmt="gptq", bias=True, seed=0):
@@ -128,8 +128,9 @@ def test_native_kernel_matches_reference(bits, in_f, out_f, group_size, desc_act
     ql, qw = make_quant_linear(in_f, out_f, bits, group_size, desc_act, sym, fmt, bias=False)
     assert ql.prepare("auto", torch.bfloat16) == "native"
     w = qw.dequantize().T  # [in, out], float32
-    # Rows 1 and 2 take the kernel's one- and two-row loops, 71 both (35 pairs and a single row).
-    for rows in (1, 2, 71):
+    # Rows 1 and 2 take the kernel's one- and two-row loops, 63 both (31 pairs and a single row; from
+    # DENSE_MIN_ROWS on, AMX CPUs take the dense path, tested below).
+    for rows in (1, 2, min(71, DENSE_MIN_ROWS - 1)):
         x = torch.randn(rows, in_f).bfloat16()
         exact = x.double() @ w.double()  # the same bf16 inputs, exact products and sums
         out = ql(x)
@@ -139,6 +140,31 @@ def test_native_kernel_matches_reference(bits, in_f, out_f, group_size, desc_act
         assert bool(((out.double() - exact).abs() <= bound).all()), float(((out.double() - exact).abs() - bound).max())
     ql.prepare("native", torch.bfloat16, release_packed=True)
     torch.testing.assert_close(ql(x), out, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("in_f,out_f,group_size,desc_act,sym,fmt", CASES)
+def test_native_dense_path_for_prompts(bits, in_f, out_f, group_size, desc_act, sym, fmt):
+    """Prompts on AMX CPUs: the weight dequantized to bf16 (the checkpoint's s (q - z), rounded once) and one
+    matmul."""
+    _require_native()
+    if not (native.bf16_supported() and amx()):
+        pytest.skip("the dense prompt path runs on CPUs with AMX")
+    if bits == 3 and out_f % 32:
+        out_f = 96
+    ql, qw = make_quant_linear(in_f, out_f, bits, group_size, desc_act, sym, fmt, bias=False)
+    assert ql.prepare("auto", torch.bfloat16) == "native"
+    kernel = ql._kernel
+    w = qw.dequantize()  # [out, in], float32
+    order = kernel.perm if kernel.perm is not None else torch.arange(in_f)
+    assert torch.equal(kernel.dense(), w[:, order].bfloat16())
+    x = torch.randn(DENSE_MIN_ROWS + 3, in_f).bfloat16()
+    exact = x.double() @ w.T.double()
+    out = ql(x)
+    assert out.dtype == torch.bfloat16 and out.shape == (x.shape[0], out_f)
+    # weights rounded to bf16 (2^-9), float32 accumulation, one rounding of the result
+    bound = 2 ** -8 * exact.abs() + (2 ** -8 + in_f * 2 ** -22) * (x.double().abs() @ w.T.double().abs())
+    assert bool(((out.double() - exact).abs() <= bound).all())
 
 
 def test_native_kernel_refuses_groups_off_its_grid():

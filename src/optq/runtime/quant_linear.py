@@ -25,6 +25,16 @@ BACKENDS = ("auto", "reference", "native", "int4", "int8")
 # 1.4 ms against 24 ms). The int4 kernel serves every length: at 512 rows it takes 52 ms, a dense bf16 matmul
 # 23 ms, but no dense weight exists to run one without unpacking (150 ms).
 INT8_MAX_ROWS = 64
+# On CPUs with AMX, a 4-bit call with bf16 activations and at least this many rows (a prompt) dequantizes its
+# weight to bf16 (native q4_dequant) and runs PyTorch's AMX matmul instead of q4_gemm, whose time grows with
+# the rows: 576 x 1536 at 512 rows 0.81 ms against 5.0 ms, 2048 x 8192 20 ms against 94 ms; the crossover is
+# at ~48 rows for the first and ~96 for the second (Xeon, 2 threads). The bf16 weight rounds s * (q - z) once
+# (2^-9 relative), as a bf16 model's weights are; decode steps keep q4_gemm's exact weight.
+DENSE_MIN_ROWS = 128
+
+
+def amx() -> bool:
+    return bool(torch.cpu.get_capabilities().get("amx_bf16"))
 
 
 class QuantLinear(nn.Module):
@@ -157,9 +167,10 @@ class NativeKernel:
     BITS = (2, 3, 4, 8)
     TILE_N = 64
 
-    def __init__(self, packed, scale, zp, starts, perm, out_features, dtype, op):
+    def __init__(self, packed, scale, zp, starts, perm, out_features, dtype, op, dense_rows=None):
         self.packed, self.scale, self.zp, self.starts, self.perm = packed, scale, zp, starts, perm
         self.out_features, self.dtype, self.op = out_features, dtype, op
+        self.dense_rows = dense_rows  # calls with at least this many rows dequantize and run a dense matmul
 
     @classmethod
     def build(cls, ql: QuantLinear, dtype: torch.dtype) -> NativeKernel | None:
@@ -197,12 +208,20 @@ class NativeKernel:
             op = torch.ops.optq_native.q4_gemm
         per_tile = lambda t: t.view(-1, tiles, cls.TILE_N).permute(1, 0, 2).contiguous()  # noqa: E731
         starts_t = torch.tensor(starts, dtype=torch.int32)
-        return cls(packed, per_tile(s), per_tile(zp), starts_t, perm, n, kernel_dtype, op)
+        dense = DENSE_MIN_ROWS if ql.bits != 8 and kernel_dtype == torch.bfloat16 and amx() else None
+        return cls(packed, per_tile(s), per_tile(zp), starts_t, perm, n, kernel_dtype, op, dense)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.zp))
 
+    def dense(self) -> torch.Tensor:
+        """The weight [out, in] in bf16, inputs in the kernel's order (4-bit layout)."""
+        w = torch.ops.optq_native.q4_dequant(self.packed, self.scale, self.zp, self.starts)
+        return w[: self.out_features]
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dense_rows is not None and x.shape[0] >= self.dense_rows:
+            return F.linear(x, self.dense())
         y = self.op(x, self.packed, self.scale, self.zp, self.starts)
         return y if y.shape[1] == self.out_features else y[:, : self.out_features]
 

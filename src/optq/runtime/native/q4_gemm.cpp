@@ -371,13 +371,56 @@ at::Tensor q8_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   return gemm(x, packed, scale, zp, starts, 8);
 }
 
+// The dense bfloat16 weight [tiles * 64, K] (output rows, input columns in the kernel's order) of a q4_gemm
+// layout: w = s * (c + 128 - zp), the checkpoint's s * (c - z) exactly in float32, then rounded to bf16. For
+// prompts on CPUs whose bf16 matmuls are fast (AMX): one dequantization per call and PyTorch's matmul beat
+// q4_gemm's per-row work there.
+at::Tensor q4_dequant(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zp,
+                      const at::Tensor& starts) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 3 && packed.size(2) == 128, "packed layout");
+  TORCH_CHECK(packed.is_contiguous() && scale.is_contiguous() && zp.is_contiguous(), "contiguous tensors");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && zp.scalar_type() == at::kFloat, "scale/zp float32");
+  TORCH_CHECK(starts.scalar_type() == at::kInt && starts.dim() == 1, "starts int32");
+  const int64_t tiles = packed.size(0), K = packed.size(1) * 4, G = starts.size(0) - 1;
+  TORCH_CHECK(scale.size(0) == tiles && scale.size(1) == G && scale.size(2) == TILE_N, "scale shape");
+  TORCH_CHECK(zp.sizes() == scale.sizes(), "zp shape");
+  const int32_t* st = starts.data_ptr<int32_t>();
+  TORCH_CHECK(st[0] == 0 && st[G] == K, "group starts must cover [0, K)");
+  for (int64_t g = 0; g < G; ++g) TORCH_CHECK(st[g] % 4 == 0 && st[g] <= st[g + 1], "group starts");
+  at::Tensor w = at::empty({tiles * TILE_N, K}, packed.options().dtype(at::kBFloat16));
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const float* zpp = zp.data_ptr<float>();
+  at::BFloat16* out = w.data_ptr<at::BFloat16>();
+  at::parallel_for(0, tiles * TILE_N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t t = n / TILE_N, j = n % TILE_N, sub = j / 16, i = j % 16;
+      const uint8_t* wt = wp + t * K * 32 + sub * 32 + 2 * i;
+      at::BFloat16* row = out + n * K;
+      for (int64_t g = 0; g < G; ++g) {
+        const float s = sp[(t * G + g) * TILE_N + j], z = zpp[(t * G + g) * TILE_N + j] - 128.f;
+        for (int64_t q = st[g] / 4; q < st[g + 1] / 4; ++q) {
+          for (int e = 0; e < 2; ++e) {
+            const uint8_t b = wt[q * 128 + e];
+            row[4 * q + e] = at::BFloat16(s * (float(b & 15) - z));
+            row[4 * q + 2 + e] = at::BFloat16(s * (float(b >> 4) - z));
+          }
+        }
+      }
+    }
+  });
+  return w;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(optq_native, m) {
   m.def("q4_gemm(Tensor x, Tensor packed, Tensor scale, Tensor zp, Tensor starts) -> Tensor");
   m.def("q8_gemm(Tensor x, Tensor packed, Tensor scale, Tensor zp, Tensor starts) -> Tensor");
+  m.def("q4_dequant(Tensor packed, Tensor scale, Tensor zp, Tensor starts) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(optq_native, CPU, m) {
   m.impl("q4_gemm", &q4_gemm);
   m.impl("q8_gemm", &q8_gemm);
+  m.impl("q4_dequant", &q4_dequant);
 }
