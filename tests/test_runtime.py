@@ -8,7 +8,8 @@ from optq.core.hessian import HessianAccumulator
 from optq.core.grid import GridSpec
 from optq.formats.gptq import pack_module
 from optq.runtime import native
-from optq.runtime.quant_linear import DENSE_MIN_ROWS, INT8_MAX_ROWS, QuantLinear, amx
+from optq.core.hardware import amx_bf16
+from optq.runtime.quant_linear import DENSE_MIN_ROWS, INT8_MAX_ROWS, QuantLinear
 
 
 def make_quant_linear(in_f, out_f, bits, group_size, desc_act=False, sym=True, fmt="gptq", bias=True, seed=0):
@@ -148,7 +149,7 @@ def test_native_dense_path_for_prompts(bits, in_f, out_f, group_size, desc_act, 
     """Prompts on AMX CPUs: the weight dequantized to bf16 (the checkpoint's s (q - z), rounded once) and one
     matmul."""
     _require_native()
-    if not (native.bf16_supported() and amx()):
+    if not (native.bf16_supported() and amx_bf16()):
         pytest.skip("the dense prompt path runs on CPUs with AMX")
     if bits == 3 and out_f % 32:
         out_f = 96

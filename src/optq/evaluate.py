@@ -64,6 +64,7 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool
     """Greedy continuation of `prompt` (through the chat template when `chat` and the tokenizer has one), up to
     the model's end token. decoder: "fast" (runtime.decode), "transformers" (`generate`), or "auto" (fast
     where it runs the model)."""
+    from .generation import stop_ids
     from .runtime.decode import fast_generate
 
     if chat and getattr(tokenizer, "chat_template", None):
@@ -73,7 +74,7 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool
         text = prompt
     enc = tokenizer(text, return_tensors="pt")
     if _use_fast(model, decoder):
-        new = fast_generate(model, enc.input_ids, max_new_tokens, stop_ids=_stop_ids(model, tokenizer))
+        new = fast_generate(model, enc.input_ids, max_new_tokens, stop_ids=stop_ids(model, tokenizer))
         return tokenizer.decode(new, skip_special_tokens=True)
     device = next(model.parameters()).device
     with torch.no_grad():
@@ -99,11 +100,6 @@ def _use_fast(model, decoder: str) -> bool:
     if decoder == "fast" and why is not None:
         raise OptqError(f"the fast decoder cannot run this model ({why}): use --decoder transformers")
     return decoder != "transformers" and why is None
-
-
-def _stop_ids(model, tokenizer) -> tuple[int, ...]:
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or tokenizer.eos_token_id
-    return tuple(i for i in (eos if isinstance(eos, list) else [eos]) if i is not None)
 
 
 # ---- speed ----------------------------------------------------------------------------------------------

@@ -21,14 +21,19 @@ def prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
     return chat_ids(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
 
 
+def stop_ids(model, tokenizer) -> tuple[int, ...]:
+    """The tokens that end an answer: the model's generation config's end tokens, else the tokenizer's."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or tokenizer.eos_token_id
+    return tuple(i for i in (eos if isinstance(eos, list) else [eos]) if i is not None)
+
+
 def greedy_answers(model, tokenizer, prompts: list[torch.Tensor], max_new_tokens: int,
                    batch: int = 16) -> list[list[int]]:
     """Greedy answer token ids to each prompt [1, L] (batched, left-padded; an end-of-turn token ends an
     answer and is kept)."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or tokenizer.eos_token_id
-    stops = set(eos if isinstance(eos, list) else [eos])
+    stops = set(stop_ids(model, tokenizer))
     out = []
     for b in range(0, len(prompts), batch):
         chunk = prompts[b:b + batch]

@@ -15,6 +15,12 @@ def native_bf16() -> bool:
     return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
 
 
+@functools.cache
+def amx_bf16() -> bool:
+    """Whether this CPU has AMX bf16 tiles (PyTorch's bf16 matmuls then run on them)."""
+    return bool(torch.cpu.get_capabilities().get("amx_bf16"))
+
+
 @contextlib.contextmanager
 def bf16_math_for_exact_inputs(active: bool):
     """float32 matmuls inside run in oneDNN's bf16 math mode (bf16 multiplies, float32 accumulation and

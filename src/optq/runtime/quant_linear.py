@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.hardware import amx_bf16
 from ..core.packing import unpack, unpack_cols
 
 BACKENDS = ("auto", "reference", "native", "int4", "int8")
@@ -31,10 +32,6 @@ INT8_MAX_ROWS = 64
 # at ~48 rows for the first and ~96 for the second (Xeon, 2 threads). The bf16 weight rounds s * (q - z) once
 # (2^-9 relative), as a bf16 model's weights are; decode steps keep q4_gemm's exact weight.
 DENSE_MIN_ROWS = 128
-
-
-def amx() -> bool:
-    return bool(torch.cpu.get_capabilities().get("amx_bf16"))
 
 
 class QuantLinear(nn.Module):
@@ -208,7 +205,7 @@ class NativeKernel:
             op = torch.ops.optq_native.q4_gemm
         per_tile = lambda t: t.view(-1, tiles, cls.TILE_N).permute(1, 0, 2).contiguous()  # noqa: E731
         starts_t = torch.tensor(starts, dtype=torch.int32)
-        dense = DENSE_MIN_ROWS if ql.bits != 8 and kernel_dtype == torch.bfloat16 and amx() else None
+        dense = DENSE_MIN_ROWS if ql.bits != 8 and kernel_dtype == torch.bfloat16 and amx_bf16() else None
         return cls(packed, per_tile(s), per_tile(zp), starts_t, perm, n, kernel_dtype, op, dense)
 
     def nbytes(self) -> int:
