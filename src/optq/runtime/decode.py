@@ -62,7 +62,7 @@ class _Projection:
             return [m(x if isinstance(m, QuantLinear) else x.to(m.weight.dtype)) for m in self.modules]
         k = self.kernel
         xk = x[:, k.perm] if k.perm is not None else x
-        y = k.op(xk.to(k.dtype).contiguous(), k.packed, k.scale, k.zp, k.starts)
+        y = k(xk.to(k.dtype).contiguous())  # the fused kernel's width is its padded width: no slicing
         if self.bias is not None:
             y = y.float().add_(self.bias)
         return [y[:, a:a + w] for a, w in zip(self.offsets, self.widths)]
